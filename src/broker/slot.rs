@@ -1,0 +1,584 @@
+//! One profile's keys: the current key (read without a lock), the retired keys awaiting
+//! revocation, and the driver task that mints, renews and revokes them.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use rand::rngs::SmallRng;
+use rand::Rng;
+use time::OffsetDateTime;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::policy::{backoff, RenewPolicy};
+use crate::clock::{positive, Clock};
+use crate::credentials::{self, format_expiration};
+use crate::provider::{KeyHandle, MintedKey, Provider, ProviderError};
+
+/// A key ready to serve, with its response bodies rendered once.
+#[derive(Debug)]
+pub struct ReadyKey {
+    /// Id and revoke handle.
+    pub handle: KeyHandle,
+    /// The broker's tag on the key.
+    pub tag: String,
+    /// When the key stops working (the `Expiration` served).
+    pub expires_at: OffsetDateTime,
+    /// `credential_process` JSON.
+    pub process_json: Bytes,
+    /// Container-credentials JSON.
+    pub container_json: Bytes,
+}
+
+impl ReadyKey {
+    fn new(key: MintedKey, tag: String) -> Self {
+        let process_json = credentials::process_json(
+            &key.access_key_id,
+            &key.secret,
+            key.session_token.as_ref(),
+            key.expires_at,
+        );
+        let container_json = credentials::container_json(
+            &key.access_key_id,
+            &key.secret,
+            key.session_token.as_ref(),
+            key.expires_at,
+        );
+        ReadyKey {
+            handle: key.handle(),
+            tag,
+            expires_at: key.expires_at,
+            process_json,
+            container_json,
+        }
+    }
+}
+
+/// Why a request got no key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unavailable {
+    /// When it is worth asking again.
+    pub retry_after: Duration,
+    /// What went wrong, for a human.
+    pub message: String,
+}
+
+/// Counters reported in status.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Successful mints (first keys and renewals).
+    pub mints: AtomicU64,
+    /// Mints that replaced a current key.
+    pub renewals: AtomicU64,
+    /// Failed mint attempts.
+    pub mint_failures: AtomicU64,
+    /// Successful revocations.
+    pub revokes: AtomicU64,
+    /// Failed revoke attempts.
+    pub revoke_failures: AtomicU64,
+    /// Requests answered with a key while the profile was degraded.
+    pub degraded_serves: AtomicU64,
+    /// Requests answered 503.
+    pub unavailable: AtomicU64,
+}
+
+/// A retired key and when to revoke it.
+#[derive(Debug)]
+struct Retired {
+    key: Arc<ReadyKey>,
+    revoke_at: OffsetDateTime,
+    failures: u32,
+}
+
+#[derive(Debug)]
+struct State {
+    /// A key is wanted: prewarm, or a request has asked.
+    active: bool,
+    retired: Vec<Retired>,
+    renew_at: Option<OffsetDateTime>,
+    last_error: Option<(ProviderError, OffsetDateTime)>,
+    failures_in_row: u32,
+    /// The driver does not retry before this.
+    next_attempt: OffsetDateTime,
+    /// A request may trigger an attempt from this time on.
+    request_floor: OffsetDateTime,
+    in_flight: bool,
+    stopping: bool,
+}
+
+/// A profile's key slot.
+pub struct Slot {
+    name: Arc<str>,
+    provider: Arc<dyn Provider>,
+    policy: RenewPolicy,
+    clock: Clock,
+    current: ArcSwapOption<ReadyKey>,
+    state: Mutex<State>,
+    wake: Notify,
+    /// Bumped after every finished attempt; requests waiting on a mint watch it.
+    attempts: watch::Sender<u64>,
+    rng: Mutex<SmallRng>,
+    /// Status counters.
+    pub counters: Counters,
+    /// Longest a request waits for an in-flight mint.
+    mint_wait: Duration,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// What a status answer shows of a slot.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SlotStatus {
+    /// `cold`, `minting`, `ready`, `renewing`, `degraded`, `unavailable` or `stopped`.
+    pub state: &'static str,
+    /// The current key's id.
+    pub key_id: Option<String>,
+    /// The current key's expiry (RFC 3339).
+    pub expires_at: Option<String>,
+    /// Seconds until it expires.
+    pub expires_in_seconds: Option<i64>,
+    /// Next scheduled renewal (RFC 3339).
+    pub next_renewal: Option<String>,
+    /// Seconds until then.
+    pub renews_in_seconds: Option<i64>,
+    /// Retired keys not yet revoked.
+    pub retired_keys: usize,
+    /// Counters.
+    pub counters: CountersSnapshot,
+    /// The last failure, if the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+/// A copy of [`Counters`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CountersSnapshot {
+    #[allow(missing_docs)]
+    pub mints: u64,
+    #[allow(missing_docs)]
+    pub renewals: u64,
+    #[allow(missing_docs)]
+    pub mint_failures: u64,
+    #[allow(missing_docs)]
+    pub revokes: u64,
+    #[allow(missing_docs)]
+    pub revoke_failures: u64,
+    #[allow(missing_docs)]
+    pub degraded_serves: u64,
+    #[allow(missing_docs)]
+    pub unavailable: u64,
+}
+
+impl Slot {
+    /// A slot for profile `name`. `prewarm` makes the driver mint at once.
+    pub fn new(
+        name: &str,
+        provider: Arc<dyn Provider>,
+        policy: RenewPolicy,
+        clock: Clock,
+        prewarm: bool,
+        rng: SmallRng,
+        mint_wait: Duration,
+    ) -> Self {
+        let now = clock.now();
+        Slot {
+            name: name.into(),
+            provider,
+            policy,
+            clock,
+            current: ArcSwapOption::empty(),
+            state: Mutex::new(State {
+                active: prewarm,
+                retired: Vec::new(),
+                renew_at: None,
+                last_error: None,
+                failures_in_row: 0,
+                next_attempt: now,
+                request_floor: now,
+                in_flight: false,
+                stopping: false,
+            }),
+            wake: Notify::new(),
+            attempts: watch::channel(0).0,
+            rng: Mutex::new(rng),
+            counters: Counters::default(),
+            mint_wait,
+        }
+    }
+
+    /// The profile name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The provider behind the slot.
+    pub fn provider(&self) -> &Arc<dyn Provider> {
+        &self.provider
+    }
+
+    /// The slot's policy.
+    pub fn policy(&self) -> RenewPolicy {
+        self.policy
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("slot state lock poisoned")
+    }
+
+    fn jitter(&self) -> f64 {
+        self.rng.lock().expect("slot rng lock poisoned").gen::<f64>()
+    }
+
+    fn remaining(&self, key: &ReadyKey) -> Duration {
+        self.clock.until(key.expires_at)
+    }
+
+    /// The hot path: the current key if it has at least `min_remaining` left. No lock.
+    pub fn ready(&self) -> Option<Arc<ReadyKey>> {
+        let key = self.current.load_full()?;
+        (self.remaining(&key) >= self.policy.min_remaining).then_some(key)
+    }
+
+    /// A key for a request: the ready key, else the outcome of a (shared) mint, else a
+    /// still-valid key served degraded, else [`Unavailable`].
+    pub async fn get(&self) -> Result<Arc<ReadyKey>, Unavailable> {
+        if let Some(key) = self.ready() {
+            return Ok(key);
+        }
+        let mut attempts = {
+            let mut st = self.lock();
+            let now = self.clock.now();
+            if st.stopping {
+                return Err(Unavailable {
+                    retry_after: Duration::from_secs(1),
+                    message: format!("profile {}: keybroker is stopping", self.name),
+                });
+            }
+            if !st.in_flight && now < st.request_floor {
+                // A mint failed moments ago; asking again now would only hammer the provider.
+                drop(st);
+                return self.fallback();
+            }
+            st.active = true;
+            self.attempts.subscribe()
+        };
+        self.wake.notify_one();
+        let waited = tokio::time::timeout(self.mint_wait, async {
+            // Wait for an attempt that finishes after this request arrived.
+            loop {
+                if attempts.changed().await.is_err() {
+                    return;
+                }
+                if self.ready().is_some() || !self.lock().in_flight {
+                    return;
+                }
+            }
+        })
+        .await;
+        if let Some(key) = self.ready() {
+            return Ok(key);
+        }
+        if waited.is_err() {
+            tracing::debug!(profile = %self.name, "request gave up waiting for a mint");
+        }
+        self.fallback()
+    }
+
+    /// No fresh key: serve the current one degraded while it has more than the floor left.
+    fn fallback(&self) -> Result<Arc<ReadyKey>, Unavailable> {
+        if let Some(key) = self.current.load_full() {
+            let left = self.remaining(&key);
+            if left > self.policy.degraded_floor() {
+                self.counters.degraded_serves.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    profile = %self.name,
+                    key_id = %key.handle.access_key_id,
+                    remaining_seconds = left.as_secs(),
+                    "serving a key with less than min_remaining left: renewal is failing"
+                );
+                return Ok(key);
+            }
+        }
+        self.counters.unavailable.fetch_add(1, Ordering::Relaxed);
+        let st = self.lock();
+        let now = self.clock.now();
+        let retry_after = positive(st.request_floor - now).max(Duration::from_secs(1));
+        let message = match &st.last_error {
+            Some((e, _)) => format!(
+                "profile {}: no valid key: the {} API failed: {e}",
+                self.name,
+                self.provider.kind()
+            ),
+            None => format!("profile {}: no valid key yet: a mint is in progress", self.name),
+        };
+        Err(Unavailable {
+            retry_after: Duration::from_secs(retry_after.as_secs_f64().ceil() as u64),
+            message,
+        })
+    }
+
+    /// Returns once the slot has a key, or its first attempt has failed, or it is not prewarmed.
+    pub async fn settled(&self) {
+        let mut attempts = self.attempts.subscribe();
+        loop {
+            {
+                let st = self.lock();
+                if !st.active || st.stopping || self.current.load().is_some() || st.last_error.is_some() {
+                    return;
+                }
+            }
+            if attempts.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The driver: mints when a key is wanted or due for renewal, revokes retired keys at
+    /// their expiry, until `cancel` fires. A mint already started is finished, not abandoned.
+    pub async fn drive(self: Arc<Self>, cancel: CancellationToken) {
+        loop {
+            if cancel.is_cancelled() {
+                break;
+            }
+            let now = self.clock.now();
+            self.revoke_due(now).await;
+            let (mint_now, wake_at) = self.plan(now);
+            if mint_now {
+                self.mint_once().await;
+                continue;
+            }
+            let sleep = async {
+                match wake_at {
+                    Some(at) => tokio::time::sleep_until(self.clock.instant_at(at)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = self.wake.notified() => {}
+                _ = sleep => {}
+            }
+        }
+        self.lock().stopping = true;
+        // Wake requests waiting on a mint that will not come.
+        self.attempts.send_modify(|n| *n += 1);
+    }
+
+    /// Decides whether to mint now, and otherwise when to look again.
+    fn plan(&self, now: OffsetDateTime) -> (bool, Option<OffsetDateTime>) {
+        let mut st = self.lock();
+        let current = self.current.load();
+        // A current key past its expiry is retired so that it gets revoked (GleSYS: this
+        // revocation is the expiry).
+        if let Some(key) = current.as_ref().filter(|k| k.expires_at <= now) {
+            st.retired.push(Retired {
+                key: Arc::clone(key),
+                revoke_at: key.expires_at,
+                failures: 0,
+            });
+            self.current.store(None);
+            st.renew_at = None;
+        }
+        let next_revoke = st.retired.iter().map(|r| r.revoke_at).min();
+        let due = match (&*self.current.load(), st.renew_at) {
+            (None, _) => st.active,
+            (Some(_), Some(renew_at)) => now >= renew_at,
+            (Some(_), None) => true,
+        };
+        let wanted_now = st.active && self.ready().is_none();
+        let allowed = now >= st.next_attempt || (wanted_now && now >= st.request_floor);
+        if due && allowed {
+            st.in_flight = true;
+            return (true, None);
+        }
+        let next_mint = if due {
+            Some(st.next_attempt)
+        } else {
+            st.renew_at
+        };
+        let wake_at = [next_mint, next_revoke, self.current.load().as_ref().map(|k| k.expires_at)]
+            .into_iter()
+            .flatten()
+            .min();
+        (false, wake_at)
+    }
+
+    fn new_tag(&self) -> String {
+        let bytes: [u8; 16] = self.rng.lock().expect("slot rng lock poisoned").gen();
+        format!("keybroker-{}", uuid::Builder::from_random_bytes(bytes).into_uuid().simple())
+    }
+
+    async fn mint_once(&self) {
+        let tag = self.new_tag();
+        let kind = self.provider.kind();
+        tracing::debug!(profile = %self.name, provider = %kind, %tag, "minting a key");
+        let result = self.provider.mint(&tag, self.policy.lifetime).await;
+        let now = self.clock.now();
+        let result = result.and_then(|key| {
+            let left = positive(key.expires_at - now);
+            if left < self.policy.min_remaining {
+                Err((key, left))
+            } else {
+                Ok(key)
+            }
+        }.map_err(|(key, left)| {
+            let e = ProviderError::Malformed(format!(
+                "{kind} issued key {} with only {}s left, under min_remaining ({}s)",
+                key.access_key_id,
+                left.as_secs(),
+                self.policy.min_remaining.as_secs()
+            ));
+            // Not servable: keep it only to revoke it.
+            self.lock().retired.push(Retired {
+                revoke_at: now,
+                key: Arc::new(ReadyKey::new(key, tag.clone())),
+                failures: 0,
+            });
+            e
+        }));
+        let jitter = self.jitter();
+        let mut st = self.lock();
+        st.in_flight = false;
+        match result {
+            Ok(key) => {
+                let ready = Arc::new(ReadyKey::new(key, tag));
+                let renew_at = self.policy.renew_at(ready.expires_at, jitter);
+                st.renew_at = Some(renew_at);
+                st.failures_in_row = 0;
+                st.last_error = None;
+                st.next_attempt = now;
+                st.request_floor = now;
+                let old = self.current.swap(Some(Arc::clone(&ready)));
+                self.counters.mints.fetch_add(1, Ordering::Relaxed);
+                if let Some(old) = &old {
+                    self.counters.renewals.fetch_add(1, Ordering::Relaxed);
+                    st.retired.push(Retired {
+                        key: Arc::clone(old),
+                        revoke_at: old.expires_at,
+                        failures: 0,
+                    });
+                }
+                tracing::info!(
+                    profile = %self.name,
+                    provider = %kind,
+                    key_id = %ready.handle.access_key_id,
+                    tag = %ready.tag,
+                    expires_at = %format_expiration(ready.expires_at),
+                    renews_in_seconds = positive(renew_at - now).as_secs(),
+                    replaces = old.as_ref().map(|o| o.handle.access_key_id.as_str()).unwrap_or(""),
+                    "minted key"
+                );
+            }
+            Err(e) => {
+                st.failures_in_row += 1;
+                let floor = e.retry_floor();
+                let delay = backoff(st.failures_in_row, jitter, floor);
+                st.next_attempt = now + delay;
+                st.request_floor = now + floor;
+                self.counters.mint_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    profile = %self.name,
+                    provider = %kind,
+                    error = %e,
+                    kind = e.code(),
+                    retry_in_seconds = delay.as_secs_f64(),
+                    "mint failed"
+                );
+                st.last_error = Some((e, now));
+            }
+        }
+        drop(st);
+        self.attempts.send_modify(|n| *n += 1);
+    }
+
+    /// Revokes retired keys whose time has come; failures are retried with backoff.
+    async fn revoke_due(&self, now: OffsetDateTime) {
+        let due: Vec<Retired> = {
+            let mut st = self.lock();
+            let (due, keep) = std::mem::take(&mut st.retired)
+                .into_iter()
+                .partition(|r| r.revoke_at <= now);
+            st.retired = keep;
+            due
+        };
+        for mut r in due {
+            match self.provider.revoke(&r.key.handle).await {
+                Ok(()) => {
+                    self.counters.revokes.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(profile = %self.name, key_id = %r.key.handle.access_key_id, "revoked retired key");
+                }
+                Err(e) => {
+                    r.failures += 1;
+                    self.counters.revoke_failures.fetch_add(1, Ordering::Relaxed);
+                    let delay = backoff(r.failures, self.jitter(), e.retry_floor());
+                    tracing::warn!(profile = %self.name, key_id = %r.key.handle.access_key_id, error = %e, retry_in_seconds = delay.as_secs_f64(), "revoke failed");
+                    r.revoke_at = self.clock.now() + delay;
+                    self.lock().retired.push(r);
+                }
+            }
+        }
+    }
+
+    /// Takes every key out of the slot (current and retired), for revocation at stop.
+    pub fn take_all(&self) -> Vec<Arc<ReadyKey>> {
+        let mut st = self.lock();
+        st.stopping = true;
+        let mut keys: Vec<Arc<ReadyKey>> = st.retired.drain(..).map(|r| r.key).collect();
+        keys.extend(self.current.swap(None));
+        keys
+    }
+
+    /// The slot as status shows it.
+    pub fn status(&self) -> SlotStatus {
+        let st = self.lock();
+        let now = self.clock.now();
+        let current = self.current.load_full();
+        let servable = current
+            .as_ref()
+            .is_some_and(|k| self.remaining(k) >= self.policy.min_remaining);
+        let state = if st.stopping {
+            "stopped"
+        } else if st.last_error.is_some() {
+            match &current {
+                Some(k) if self.remaining(k) > self.policy.degraded_floor() => "degraded",
+                _ => "unavailable",
+            }
+        } else if servable {
+            if st.in_flight { "renewing" } else { "ready" }
+        } else if st.in_flight {
+            "minting"
+        } else {
+            "cold"
+        };
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        SlotStatus {
+            state,
+            key_id: current.as_ref().map(|k| k.handle.access_key_id.clone()),
+            expires_at: current.as_ref().map(|k| format_expiration(k.expires_at)),
+            expires_in_seconds: current.as_ref().map(|k| (k.expires_at - now).whole_seconds()),
+            next_renewal: st.renew_at.filter(|_| current.is_some()).map(format_expiration),
+            renews_in_seconds: st
+                .renew_at
+                .filter(|_| current.is_some())
+                .map(|r| (r - now).whole_seconds().max(0)),
+            retired_keys: st.retired.len(),
+            counters: CountersSnapshot {
+                mints: get(&c.mints),
+                renewals: get(&c.renewals),
+                mint_failures: get(&c.mint_failures),
+                revokes: get(&c.revokes),
+                revoke_failures: get(&c.revoke_failures),
+                degraded_serves: get(&c.degraded_serves),
+                unavailable: get(&c.unavailable),
+            },
+            last_error: st.last_error.as_ref().map(|(e, _)| e.to_string()),
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! The `credential_process` client and the other socket callers: std `UnixStream`, no async
+//! runtime, one deadline over connect, write and read (aws-cli spawns this on every command).
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// The whole-request budget: aws-sdk-rust gives a credential provider 5 s in all.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Largest answer the client reads.
+const MAX_RESPONSE: usize = 1 << 20;
+
+/// An answer from the daemon.
+#[derive(Debug)]
+pub struct Answer {
+    /// HTTP status.
+    pub status: u16,
+    /// `Retry-After` seconds, when sent.
+    pub retry_after: Option<u64>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    /// The `error.message` of a JSON error body, or the body as text.
+    pub fn error_message(&self) -> String {
+        serde_json::from_slice::<serde_json::Value>(&self.body)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&self.body).trim().to_string())
+    }
+}
+
+/// Sends `GET path` to the daemon at `socket` and reads the answer, all within `timeout`.
+/// Errors are one line saying what failed and what to do.
+pub fn get(socket: &Path, path: &str, timeout: Duration) -> Result<Answer, String> {
+    let deadline = Instant::now() + timeout;
+    let shown = socket.display();
+    let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => format!(
+            "no keybroker socket at {shown}: start the daemon (keybroker serve, or systemctl start keybroker), or point --socket or KEYBROKER_SOCKET at its socket"
+        ),
+        io::ErrorKind::ConnectionRefused => format!(
+            "the keybroker daemon at {shown} is not running (connection refused): start it with keybroker serve or systemctl start keybroker"
+        ),
+        io::ErrorKind::PermissionDenied => format!(
+            "permission denied connecting to {shown}: your user may not use this socket; ask for membership of its socket_group"
+        ),
+        _ => format!("cannot connect to the keybroker daemon at {shown}: {e}"),
+    })?;
+    let timed_out = || format!("the keybroker daemon at {shown} did not answer within {}s; check its log (journalctl -u keybroker)", timeout.as_secs());
+    let remaining = || deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero());
+    stream.set_write_timeout(remaining()).map_err(|e| e.to_string())?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: keybroker\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).map_err(|e| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => timed_out(),
+        _ => format!("sending to the keybroker daemon at {shown}: {e}"),
+    })?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let Some(left) = remaining() else { return Err(timed_out()) };
+        stream.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if buf.len() > MAX_RESPONSE {
+                    return Err(format!("the keybroker daemon at {shown} sent an oversized answer"));
+                }
+                if let Some(answer) = parse(&buf)? {
+                    return Ok(answer);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Err(timed_out()),
+            Err(e) => return Err(format!("reading from the keybroker daemon at {shown}: {e}")),
+        }
+    }
+    parse(&buf)?.ok_or_else(|| format!("the keybroker daemon at {shown} closed the connection mid-answer"))
+}
+
+/// Parses a complete response, or `None` if more bytes are needed.
+fn parse(buf: &[u8]) -> Result<Option<Answer>, String> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head_len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(format!("the keybroker daemon sent a malformed answer: {e}")),
+    };
+    let header = |name: &str| {
+        resp.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+            .map(str::trim)
+    };
+    let length: usize = match header("content-length") {
+        Some(v) => v.parse().map_err(|_| "the keybroker daemon sent a bad Content-Length".to_string())?,
+        None => return Err("the keybroker daemon sent an answer without Content-Length".into()),
+    };
+    let body = &buf[head_len..];
+    if body.len() < length {
+        return Ok(None);
+    }
+    Ok(Some(Answer {
+        status: resp.code.unwrap_or(0),
+        retry_after: header("retry-after").and_then(|v| v.parse().ok()),
+        body: body[..length].to_vec(),
+    }))
+}
+
+/// The credential_process JSON for `profile`, or the one line to print on stderr.
+pub fn credential_process(socket: &Path, profile: &str) -> Result<Vec<u8>, String> {
+    let answer = get(socket, &format!("/v1/credentials/{profile}"), CLIENT_TIMEOUT)?;
+    let message = answer.error_message();
+    match answer.status {
+        200 => Ok(answer.body),
+        403 => Err(format!("profile {profile}: access denied: {message}")),
+        404 => Err(format!("profile {profile}: {message}; check --profile against the daemon's config (keybroker status lists profiles)")),
+        503 => Err(format!(
+            "profile {profile}: no valid key right now: {message}; retry in {}s, and see keybroker status",
+            answer.retry_after.unwrap_or(1)
+        )),
+        s => Err(format!("profile {profile}: the daemon answered HTTP {s}: {message}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_complete_and_partial_answers() {
+        let full = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 2\r\nretry-after: 7\r\n\r\n{}";
+        assert!(parse(&full[..20]).unwrap().is_none());
+        assert!(parse(&full[..full.len() - 1]).unwrap().is_none());
+        let a = parse(full).unwrap().unwrap();
+        assert_eq!((a.status, a.retry_after, a.body.as_slice()), (503, Some(7), &b"{}"[..]));
+    }
+
+    #[test]
+    fn error_message_reads_the_json_error() {
+        let a = Answer {
+            status: 404,
+            retry_after: None,
+            body: br#"{"error":{"code":"unknown_profile","message":"no profile named \"x\""}}"#.to_vec(),
+        };
+        assert_eq!(a.error_message(), "no profile named \"x\"");
+    }
+}
+
+/// `keybroker status`: prints the table (or the JSON) and tells whether every profile is
+/// healthy (not degraded, not unavailable).
+pub fn status(socket: &Path, json: bool) -> Result<bool, String> {
+    let answer = get(socket, "/v1/status", CLIENT_TIMEOUT)?;
+    if answer.status != 200 {
+        return Err(format!("status: the daemon answered HTTP {}: {}", answer.status, answer.error_message()));
+    }
+    let value: serde_json::Value = serde_json::from_slice(&answer.body)
+        .map_err(|e| format!("status: unreadable answer from the daemon: {e}"))?;
+    let profiles = value["profiles"].as_array().cloned().unwrap_or_default();
+    let healthy = profiles
+        .iter()
+        .all(|p| !matches!(p["state"].as_str(), Some("degraded" | "unavailable")));
+    if json {
+        println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+    } else {
+        print!("{}", status_table(&profiles));
+    }
+    Ok(healthy)
+}
+
+/// The status table, readable in 80 columns.
+pub fn status_table(profiles: &[serde_json::Value]) -> String {
+    let cell = |v: &serde_json::Value, width: usize| {
+        let s = v.as_str().unwrap_or("-");
+        if s.chars().count() > width {
+            format!("{}…", s.chars().take(width - 1).collect::<String>())
+        } else {
+            s.to_string()
+        }
+    };
+    let span = |v: &serde_json::Value| v.as_i64().map_or("-".to_string(), short_duration);
+    let mut out = format!(
+        "{:<12} {:<9} {:<20} {:>7} {:>7} {:<11} {}\n",
+        "PROFILE", "PROVIDER", "KEY", "EXPIRES", "RENEWS", "STATE", "LAST ERROR"
+    );
+    for p in profiles {
+        out.push_str(&format!(
+            "{:<12} {:<9} {:<20} {:>7} {:>7} {:<11} {}\n",
+            cell(&p["name"], 12),
+            cell(&p["provider"], 9),
+            cell(&p["key_id"], 20),
+            span(&p["expires_in_seconds"]),
+            span(&p["renews_in_seconds"]),
+            cell(&p["state"], 11),
+            cell(&p["last_error"], 200),
+        ));
+    }
+    out
+}
+
+/// `45s`, `12m`, `1h05m`, `2d03h`.
+fn short_duration(seconds: i64) -> String {
+    let s = seconds.max(0);
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m", s / 60),
+        3600..=86_399 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86_400, s % 86_400 / 3600),
+    }
+}

@@ -1,0 +1,175 @@
+//! `serve`: build providers, bind the socket, start the broker, serve, and on a stop signal
+//! shut down in a fixed, logged order within `shutdown_timeout` (DESIGN.md §6).
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{Broker, ProfileSpec, StopReport, DEFAULT_MINT_WAIT};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::server::{self, Access, App, BoundSocket};
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// A profile's provider could not be set up (bad `ca_file`): a configuration problem.
+    #[error("profile {profile}: {source}")]
+    Provider {
+        /// The profile.
+        profile: String,
+        /// What failed.
+        source: crate::provider::http::TlsSetupError,
+    },
+    /// The socket could not be bound.
+    #[error(transparent)]
+    Bind(#[from] server::BindError),
+    /// The tokio listener could not be registered.
+    #[error("socket: {0}")]
+    Listener(std::io::Error),
+}
+
+/// A started daemon: the broker's drivers and the socket server are running.
+pub struct Running {
+    broker: Arc<Broker>,
+    socket: BoundSocket,
+    server: tokio::task::JoinHandle<()>,
+    stop_server: CancellationToken,
+    shutdown_timeout: Duration,
+}
+
+/// Starts serving `profiles` on `socket`. Must run inside a tokio runtime.
+pub fn start(
+    profiles: Vec<ProfileSpec>,
+    access: Access,
+    socket: BoundSocket,
+    clock: Clock,
+    seed: Option<u64>,
+    shutdown_timeout: Duration,
+) -> Result<Running, DaemonError> {
+    let listener = socket.listener.try_clone().map_err(DaemonError::Listener)?;
+    listener.set_nonblocking(true).map_err(DaemonError::Listener)?;
+    let listener = tokio::net::UnixListener::from_std(listener).map_err(DaemonError::Listener)?;
+    let broker = Arc::new(Broker::start(profiles, clock, seed, DEFAULT_MINT_WAIT));
+    let app = Arc::new(App {
+        broker: Arc::clone(&broker),
+        access,
+    });
+    let stop_server = CancellationToken::new();
+    let drain = server::DRAIN_TIMEOUT.min(shutdown_timeout / 4);
+    let server = tokio::spawn(server::serve(listener, app, stop_server.clone(), drain));
+    Ok(Running {
+        broker,
+        socket,
+        server,
+        stop_server,
+        shutdown_timeout,
+    })
+}
+
+impl Running {
+    /// The broker, for tests and status.
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    /// Stops in order: stop accepting and drain requests, stop renewals, revoke every key
+    /// concurrently, remove the socket. All within `shutdown_timeout`.
+    pub async fn stop(self) -> StopReport {
+        let deadline = Instant::now() + self.shutdown_timeout;
+        tracing::info!(timeout_seconds = self.shutdown_timeout.as_secs_f64(), "stopping: no new connections, draining requests");
+        self.stop_server.cancel();
+        let _ = tokio::time::timeout_at(deadline, self.server).await;
+        tracing::info!("stopping: revoking keys");
+        let report = self.broker.stop(deadline).await;
+        self.socket.remove();
+        tracing::info!(
+            revoked = report.revoked.len(),
+            unrevoked = report.unrevoked.len(),
+            kept = report.kept.len(),
+            "stopped"
+        );
+        report
+    }
+}
+
+/// Builds each profile's provider.
+pub fn profiles_from(config: &Config, clock: &Clock) -> Result<Vec<ProfileSpec>, DaemonError> {
+    config
+        .profiles
+        .values()
+        .map(|p| {
+            let provider = crate::provider::from_config(p, clock).map_err(|source| DaemonError::Provider {
+                profile: p.name.clone(),
+                source,
+            })?;
+            Ok(ProfileSpec {
+                name: p.name.clone(),
+                provider,
+                policy: p.policy,
+                prewarm: p.prewarm,
+                revoke_on_shutdown: p.revoke_on_shutdown,
+            })
+        })
+        .collect()
+}
+
+/// Who may read each profile, from the config.
+pub fn access_from(config: &Config) -> Access {
+    Access {
+        daemon_uid: rustix::process::getuid().as_raw(),
+        profiles: config
+            .profiles
+            .values()
+            .map(|p| (p.name.clone(), (p.allow_uids.clone(), p.allow_gids.clone())))
+            .collect(),
+    }
+}
+
+/// Runs the daemon until `stop` resolves, then shuts down. `profiles` were built from `config`
+/// (before the socket was bound, so configuration errors touch nothing).
+pub async fn run(
+    config: &Config,
+    profiles: Vec<ProfileSpec>,
+    socket_path: &Path,
+    stop: impl Future<Output = ()>,
+) -> Result<StopReport, DaemonError> {
+    let socket = server::bind_socket(socket_path, config.server.socket_mode, config.server.socket_group)?;
+    let names: Vec<String> = profiles.iter().map(|p| p.name.clone()).collect();
+    let running = start(
+        profiles,
+        access_from(config),
+        socket,
+        Clock::System,
+        None,
+        config.server.shutdown_timeout,
+    )?;
+    tracing::info!(socket = %socket_path.display(), profiles = ?names, "serving");
+    stop.await;
+    Ok(running.stop().await)
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+pub async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// Raises the soft open-file limit to the hard one: each waiting client holds a descriptor.
+pub fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        let _ = setrlimit(Resource::Nofile, limit);
+    }
+}

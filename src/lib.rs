@@ -1,0 +1,29 @@
+//! keybroker mints short-lived object-storage keys from a provider's API, caches them, renews
+//! them before they expire, serves them over a Unix socket in the AWS `credential_process`
+//! format, and revokes them when it stops.
+//!
+//! Components, in the order a request meets them:
+//! - [`server`]: HTTP/1.1 on the Unix socket; checks the peer's uid/gid, routes the request.
+//! - [`broker`]: one slot per profile holding the current key with its response pre-rendered;
+//!   a background driver per slot mints, renews (single flight) and revokes.
+//! - [`provider`]: the upstream APIs (CoreWeave, dev) behind one trait, and the HTTPS client.
+//! - [`credentials`]: the secret type and the JSON formats served.
+//!
+//! Around them: [`config`] (TOML, validated with file positions), [`daemon`] (start-up and the
+//! ordered shutdown), [`client`] (the `credential-process` side, std only), [`cli`], [`clock`]
+//! (injectable time for paused-clock tests), [`logging`] and [`users`].
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod broker;
+pub mod cli;
+pub mod client;
+pub mod clock;
+pub mod config;
+pub mod credentials;
+pub mod daemon;
+pub mod logging;
+pub mod provider;
+pub mod server;
+pub mod users;

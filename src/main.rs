@@ -1,0 +1,130 @@
+//! The `keybroker` binary: parse, dispatch, map outcomes to exit codes.
+
+#![forbid(unsafe_code)]
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+use keybroker::cli::{Cli, Command};
+use keybroker::{client, config, daemon, logging};
+
+/// Bad usage or configuration (sysexits EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+                // aws-cli only needs non-zero; the contract says 1 for every client failure.
+                _ if matches!(std::env::args().nth(1).as_deref(), Some("credential-process" | "status")) => ExitCode::FAILURE,
+                _ => ExitCode::from(EXIT_USAGE),
+            };
+        }
+    };
+    match cli.command {
+        Command::Serve { config, dev, log_format } => serve(config, dev, log_format),
+        Command::CheckConfig { config } => {
+            let path = config::resolve_config_path(config.as_deref());
+            match config::load(&path) {
+                Ok(c) => {
+                    println!("{}: ok ({} profiles: {})", path.display(), c.profiles.len(), c.profiles.keys().cloned().collect::<Vec<_>>().join(", "));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail_usage(&format!("config {e}")),
+            }
+        }
+        Command::CredentialProcess { profile, socket } => {
+            let socket = config::resolve_socket(socket.as_deref(), None);
+            match client::credential_process(&socket, &profile) {
+                Ok(json) => {
+                    let mut out = std::io::stdout().lock();
+                    if out.write_all(&json).and_then(|()| out.flush()).is_err() {
+                        return ExitCode::FAILURE;
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(line) => fail(&line),
+            }
+        }
+        Command::Status { socket, json } => {
+            let socket = config::resolve_socket(socket.as_deref(), None);
+            match client::status(&socket, json) {
+                Ok(healthy) => {
+                    if healthy { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+                }
+                Err(line) => fail(&line),
+            }
+        }
+    }
+}
+
+fn fail(line: &str) -> ExitCode {
+    eprintln!("keybroker: {line}");
+    ExitCode::FAILURE
+}
+
+fn fail_usage(line: &str) -> ExitCode {
+    eprintln!("keybroker: {line}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+fn serve(config_flag: Option<std::path::PathBuf>, dev: bool, log_format: logging::LogFormat) -> ExitCode {
+    let config = if dev {
+        config::dev()
+    } else {
+        let path = config::resolve_config_path(config_flag.as_deref());
+        match config::load(&path) {
+            Ok(c) => c,
+            Err(e) => return fail_usage(&format!("config {e}")),
+        }
+    };
+    logging::init(log_format);
+    daemon::raise_fd_limit();
+    let socket = config::resolve_socket(None, config.server.socket.as_deref());
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
+    };
+    runtime.block_on(async {
+        let clock = keybroker::clock::Clock::System;
+        let profiles = match daemon::profiles_from(&config, &clock) {
+            Ok(p) => p,
+            Err(e) => return fail_usage(&format!("config {}: {e}", config.path.display())),
+        };
+        if dev {
+            print_dev_banner(&socket);
+        }
+        match daemon::run(&config, profiles, &socket, daemon::stop_signal()).await {
+            Err(e) => fail(&e.to_string()),
+            Ok(report) if report.unrevoked.is_empty() => ExitCode::SUCCESS,
+            Ok(report) => {
+                let ids: Vec<String> = report.unrevoked.iter().map(|(id, why)| format!("{id} ({why})")).collect();
+                fail(&format!(
+                    "{} keys left unrevoked; they stay valid until they expire: {}",
+                    report.unrevoked.len(),
+                    ids.join(", ")
+                ))
+            }
+        }
+    })
+}
+
+fn print_dev_banner(socket: &std::path::Path) {
+    let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "keybroker".into());
+    let socket_arg = if config::resolve_socket(None, None) == socket {
+        String::new()
+    } else {
+        format!(" --socket {}", socket.display())
+    };
+    println!("keybroker dev mode: profile \"dev\" on {}", socket.display());
+    println!("Keys are made in process (no cloud); they expire and are revoked like real ones.");
+    println!("Add this to ~/.aws/config, then run: aws configure list --profile keybroker-dev\n");
+    println!("[profile keybroker-dev]");
+    println!("credential_process = {exe} credential-process --profile dev{socket_arg}\n");
+    println!("Stop with Ctrl-C: every key is revoked before exit.");
+    let _ = std::io::stdout().flush();
+}

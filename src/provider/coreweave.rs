@@ -1,0 +1,232 @@
+//! CoreWeave AI Object Storage (`reference/providers.md` §1).
+//!
+//! Mint: `POST /v1/cwobject/access-key` with `durationSeconds` and an `attributes` tag; revoke:
+//! `POST /v1/cwobject/revoke-access-key/access-key` with the key id. Bearer token auth.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use serde::Deserialize;
+use time::OffsetDateTime;
+
+use super::http::{retry_after, HttpClient, HttpResponse};
+use super::{brief, resolve_expiry, KeyHandle, MintedKey, Provider, ProviderError, ProviderKind};
+use crate::clock::Clock;
+use crate::credentials::Secret;
+
+/// The public API host.
+pub const DEFAULT_ENDPOINT: &str = "https://api.coreweave.com";
+
+/// The attribute key that carries the broker's lease tag on every key.
+pub const TAG_ATTRIBUTE: &str = "keybroker-lease";
+
+/// A CoreWeave account reached with one API access token.
+#[derive(Debug)]
+pub struct CoreWeave {
+    http: HttpClient,
+    endpoint: String,
+    token: Secret,
+    clock: Clock,
+}
+
+#[derive(Deserialize)]
+struct CreateResponse {
+    #[serde(rename = "accessKeyId", alias = "accessKeyID")]
+    access_key_id: Option<String>,
+    #[serde(rename = "secretKey")]
+    secret_key: Option<String>,
+    expiry: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Status {
+    message: Option<String>,
+}
+
+impl CoreWeave {
+    /// A provider for the API at `endpoint` using the bearer `token`.
+    pub fn new(http: HttpClient, endpoint: &str, token: Secret, clock: Clock) -> Self {
+        CoreWeave {
+            http,
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+            token,
+            clock,
+        }
+    }
+
+    async fn post(&self, path: &str, body: serde_json::Value) -> Result<HttpResponse, ProviderError> {
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("{}{path}", self.endpoint))
+            .header(http::header::AUTHORIZATION, format!("Bearer {}", self.token.expose()))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::ACCEPT, "application/json")
+            .body(Bytes::from(body.to_string()))
+            .map_err(|e| ProviderError::Rejected(format!("bad request to {path}: {e}")))?;
+        self.http.send(req).await
+    }
+}
+
+/// Maps a non-2xx answer to the error whose variant decides the retry.
+fn status_error(call: &str, resp: &HttpResponse) -> ProviderError {
+    let said = serde_json::from_slice::<Status>(&resp.body)
+        .ok()
+        .and_then(|s| s.message)
+        .unwrap_or_else(|| String::from_utf8_lossy(&resp.body).into_owned());
+    let said = brief(&said);
+    let message = if said.is_empty() {
+        format!("CoreWeave {call}: HTTP {}", resp.status)
+    } else {
+        format!("CoreWeave {call}: HTTP {}: {said}", resp.status)
+    };
+    match resp.status {
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => ProviderError::Auth(message),
+        StatusCode::TOO_MANY_REQUESTS => ProviderError::RateLimited {
+            retry_after: retry_after(&resp.headers),
+            message,
+        },
+        s if s.is_server_error() => ProviderError::Transient(message),
+        _ => ProviderError::Rejected(message),
+    }
+}
+
+/// A CoreWeave expiry, or `None` for the three "no expiry" forms: absent, the Unix epoch and
+/// Go's zero time (`reference/providers.md` §1, broker quirk 3).
+fn parse_expiry(raw: Option<&str>) -> Result<Option<OffsetDateTime>, ProviderError> {
+    let Some(raw) = raw.filter(|s| !s.is_empty()) else {
+        return Ok(None);
+    };
+    let t = OffsetDateTime::parse(raw, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| ProviderError::Malformed(format!("CoreWeave create: expiry {raw:?}: {e}")))?;
+    if t.year() <= 1970 && t.unix_timestamp() <= 0 {
+        return Ok(None);
+    }
+    Ok(Some(t))
+}
+
+#[async_trait]
+impl Provider for CoreWeave {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Coreweave
+    }
+
+    async fn mint(&self, tag: &str, lifetime: Duration) -> Result<MintedKey, ProviderError> {
+        // Never 0: that asks CoreWeave for a permanent key. Config validation keeps lifetime in
+        // 1..=43200 s; the clamp is the last line of defence.
+        let seconds = lifetime.as_secs().clamp(1, 43_200);
+        let sent_at = self.clock.now();
+        let resp = self
+            .post(
+                "/v1/cwobject/access-key",
+                serde_json::json!({
+                    "durationSeconds": seconds,
+                    "attributes": { TAG_ATTRIBUTE: tag },
+                }),
+            )
+            .await?;
+        if !resp.status.is_success() {
+            return Err(status_error("create access key", &resp));
+        }
+        let body: CreateResponse = serde_json::from_slice(&resp.body).map_err(|e| {
+            ProviderError::Malformed(format!("CoreWeave create access key: unreadable answer: {e}"))
+        })?;
+        let secret = body.secret_key.filter(|s| !s.is_empty()).map(Secret::new);
+        let (Some(access_key_id), Some(secret)) = (body.access_key_id.filter(|s| !s.is_empty()), secret) else {
+            return Err(ProviderError::Malformed(
+                "CoreWeave create access key: answer lacks accessKeyId or secretKey".into(),
+            ));
+        };
+        let expiry = match parse_expiry(body.expiry.as_deref()) {
+            Ok(Some(expiry)) => expiry,
+            outcome => {
+                // The key exists but cannot be served: take it back before reporting.
+                let handle = KeyHandle {
+                    access_key_id: access_key_id.clone(),
+                    revoke_handle: access_key_id.clone(),
+                };
+                if let Err(e) = self.revoke(&handle).await {
+                    tracing::error!(key_id = %access_key_id, error = %e, "could not revoke an unusable key");
+                }
+                return Err(match outcome {
+                    Err(e) => e,
+                    _ => ProviderError::Malformed(format!(
+                        "CoreWeave created key {access_key_id} without an expiry although {seconds}s was asked; it was revoked"
+                    )),
+                });
+            }
+        };
+        let expires_at = resolve_expiry(
+            Some(expiry),
+            sent_at,
+            Duration::from_secs(seconds),
+            resp.headers.get(http::header::DATE),
+            &self.clock,
+        );
+        Ok(MintedKey {
+            revoke_handle: access_key_id.clone(),
+            access_key_id,
+            secret,
+            session_token: None,
+            expires_at,
+        })
+    }
+
+    async fn revoke(&self, key: &KeyHandle) -> Result<(), ProviderError> {
+        let resp = self
+            .post(
+                "/v1/cwobject/revoke-access-key/access-key",
+                serde_json::json!({ "accessKey": key.revoke_handle }),
+            )
+            .await?;
+        match resp.status {
+            s if s.is_success() => Ok(()),
+            // Already gone (revoked, or expired and removed): the goal is met.
+            StatusCode::NOT_FOUND => Ok(()),
+            _ => Err(status_error("revoke access key", &resp)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    #[test]
+    fn no_expiry_sentinels() {
+        assert_eq!(parse_expiry(None).unwrap(), None);
+        assert_eq!(parse_expiry(Some("")).unwrap(), None);
+        assert_eq!(parse_expiry(Some("1970-01-01T00:00:00Z")).unwrap(), None);
+        assert_eq!(parse_expiry(Some("0001-01-01T00:00:00Z")).unwrap(), None);
+        assert_eq!(
+            parse_expiry(Some("2024-01-01T09:15:01Z")).unwrap(),
+            Some(datetime!(2024-01-01 09:15:01 UTC))
+        );
+        assert!(parse_expiry(Some("tomorrow")).is_err());
+    }
+
+    #[test]
+    fn both_key_id_spellings_decode() {
+        for field in ["accessKeyId", "accessKeyID"] {
+            let body = format!(r#"{{"{field}":"CWX","secretKey":"s","expiry":"2024-01-01T09:15:01Z"}}"#);
+            let parsed: CreateResponse = serde_json::from_str(&body).unwrap();
+            assert_eq!(parsed.access_key_id.as_deref(), Some("CWX"));
+        }
+    }
+
+    #[test]
+    fn statuses_map_to_retry_classes() {
+        let resp = |status: u16, body: &str| HttpResponse {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers: Default::default(),
+            body: Bytes::from(body.to_string()),
+        };
+        assert!(matches!(status_error("x", &resp(401, r#"{"code":16,"message":"bad token"}"#)), ProviderError::Auth(m) if m.contains("bad token")));
+        assert!(matches!(status_error("x", &resp(403, "")), ProviderError::Auth(_)));
+        assert!(matches!(status_error("x", &resp(429, "")), ProviderError::RateLimited { .. }));
+        assert!(matches!(status_error("x", &resp(503, "down")), ProviderError::Transient(_)));
+        assert!(matches!(status_error("x", &resp(400, "nope")), ProviderError::Rejected(_)));
+    }
+}

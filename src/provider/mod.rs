@@ -1,0 +1,258 @@
+//! Providers: the upstream APIs that mint and revoke object-storage keys.
+//!
+//! Each provider turns [`Provider::mint`] and [`Provider::revoke`] into its own HTTP calls
+//! (`reference/providers.md`) and maps every failure to a [`ProviderError`] whose variant tells
+//! the broker whether and when a retry can help.
+
+pub mod coreweave;
+pub mod dev;
+pub mod http;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+use crate::clock::Clock;
+use crate::credentials::Secret;
+
+/// Which API a profile talks to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// CoreWeave AI Object Storage (`reference/providers.md` §1).
+    Coreweave,
+    /// Crusoe Cloud (`reference/providers.md` §2).
+    Crusoe,
+    /// GleSYS object storage (`reference/providers.md` §3).
+    Glesys,
+    /// The in-process development provider: random keys, real expiry, no cloud.
+    Dev,
+}
+
+impl ProviderKind {
+    /// The name used in config files, logs and status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Coreweave => "coreweave",
+            ProviderKind::Crusoe => "crusoe",
+            ProviderKind::Glesys => "glesys",
+            ProviderKind::Dev => "dev",
+        }
+    }
+
+    /// The longest key lifetime the provider grants, if it has a limit.
+    pub fn max_lifetime(self) -> Option<Duration> {
+        match self {
+            // 43200 s per the CoreWeave how-to pages (reference/providers.md §1).
+            ProviderKind::Coreweave => Some(Duration::from_secs(43_200)),
+            ProviderKind::Dev => Some(Duration::from_secs(43_200)),
+            ProviderKind::Crusoe | ProviderKind::Glesys => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failed provider call. The variant decides what the broker does next.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProviderError {
+    /// Network failure, timeout or 5xx: back off and retry.
+    #[error("{0}")]
+    Transient(String),
+    /// 429: retry no sooner than `retry_after` when the provider said so.
+    #[error("{message}")]
+    RateLimited {
+        /// The provider's `Retry-After`, if it sent one.
+        retry_after: Option<Duration>,
+        /// What the provider said.
+        message: String,
+    },
+    /// 401/403: the credentials are wrong or lack permission; retrying the same call cannot help.
+    #[error("{0}")]
+    Auth(String),
+    /// Another 4xx: the provider refused the request as made.
+    #[error("{0}")]
+    Rejected(String),
+    /// The provider's key limit is reached.
+    #[error("{0}")]
+    LimitReached(String),
+    /// The answer could not be understood, or promised something keybroker cannot serve.
+    #[error("{0}")]
+    Malformed(String),
+}
+
+impl ProviderError {
+    /// The shortest wait before a request may trigger another attempt. Errors a retry cannot
+    /// fix quickly wait longer, so a crowd of clients cannot turn into a retry storm.
+    pub fn retry_floor(&self) -> Duration {
+        match self {
+            ProviderError::Transient(_) | ProviderError::Malformed(_) => Duration::from_secs(1),
+            ProviderError::RateLimited { retry_after, .. } => {
+                retry_after.unwrap_or(Duration::from_secs(5)).max(Duration::from_secs(1))
+            }
+            ProviderError::Auth(_) | ProviderError::Rejected(_) | ProviderError::LimitReached(_) => {
+                Duration::from_secs(10)
+            }
+        }
+    }
+
+    /// A short word for the error's kind, used in status and logs.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProviderError::Transient(_) => "transient",
+            ProviderError::RateLimited { .. } => "rate_limited",
+            ProviderError::Auth(_) => "auth",
+            ProviderError::Rejected(_) => "rejected",
+            ProviderError::LimitReached(_) => "limit_reached",
+            ProviderError::Malformed(_) => "malformed",
+        }
+    }
+}
+
+/// A freshly minted key.
+#[derive(Debug)]
+pub struct MintedKey {
+    /// The access key id (not secret).
+    pub access_key_id: String,
+    /// The secret access key.
+    pub secret: Secret,
+    /// A session token, for providers that issue one.
+    pub session_token: Option<Secret>,
+    /// When the key stops working, on the local clock (see [`resolve_expiry`]).
+    pub expires_at: OffsetDateTime,
+    /// What the provider needs to revoke this key (CoreWeave: the key id; GleSYS: the credential id).
+    pub revoke_handle: String,
+}
+
+impl MintedKey {
+    /// The part of the key needed to revoke it later.
+    pub fn handle(&self) -> KeyHandle {
+        KeyHandle {
+            access_key_id: self.access_key_id.clone(),
+            revoke_handle: self.revoke_handle.clone(),
+        }
+    }
+}
+
+/// The non-secret identity of a minted key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyHandle {
+    /// The access key id, for logs and status.
+    pub access_key_id: String,
+    /// The provider's revoke handle.
+    pub revoke_handle: String,
+}
+
+/// One provider account, as configured for one profile.
+#[async_trait]
+pub trait Provider: Send + Sync + 'static {
+    /// Which API this is.
+    fn kind(&self) -> ProviderKind;
+
+    /// Creates a key tagged with `tag` that lives for `lifetime`. Called once per attempt: create
+    /// is not idempotent, so the caller never retries it blindly.
+    async fn mint(&self, tag: &str, lifetime: Duration) -> Result<MintedKey, ProviderError>;
+
+    /// Revokes a key. A key the provider no longer knows counts as revoked.
+    async fn revoke(&self, key: &KeyHandle) -> Result<(), ProviderError>;
+}
+
+/// How much the provider's `Date` may differ from ours before it is worth a warning.
+const SKEW_WARNING: Duration = Duration::from_secs(30);
+
+/// The expiry to serve for a key requested at `sent_at` for `lifetime`: the shorter of the
+/// provider's own expiry and `sent_at + lifetime` measured on the local clock (DESIGN.md §5), so
+/// that a provider clock running fast can never make us promise more than the key has.
+pub fn resolve_expiry(
+    provider_expiry: Option<OffsetDateTime>,
+    sent_at: OffsetDateTime,
+    lifetime: Duration,
+    provider_date: Option<&::http::HeaderValue>,
+    clock: &Clock,
+) -> OffsetDateTime {
+    if let Some(date) = provider_date.and_then(|v| v.to_str().ok()) {
+        if let Ok(theirs) = httpdate_parse(date) {
+            let skew = theirs - clock.now();
+            if skew.unsigned_abs() > SKEW_WARNING {
+                tracing::warn!(
+                    skew_seconds = skew.whole_seconds(),
+                    "provider clock differs from ours; serving the shorter expiry"
+                );
+            }
+        }
+    }
+    let local = sent_at + lifetime;
+    match provider_expiry {
+        Some(theirs) if theirs < local => theirs,
+        _ => local,
+    }
+}
+
+/// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the form every server sends.
+fn httpdate_parse(s: &str) -> Result<OffsetDateTime, time::error::Parse> {
+    let format = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    time::PrimitiveDateTime::parse(s, format).map(|t| t.assume_utc())
+}
+
+/// Truncates a provider's message for logs and errors, keeping it on one line.
+pub fn brief(text: &str) -> String {
+    let one_line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one_line.chars().count() > 200 {
+        let cut: String = one_line.chars().take(200).collect();
+        format!("{cut}…")
+    } else {
+        one_line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    #[test]
+    fn expiry_is_the_shorter_of_provider_and_local() {
+        let sent = datetime!(2026-11-23 12:00:00 UTC);
+        let hour = Duration::from_secs(3600);
+        let clock = Clock::System;
+        // Provider clock 10 minutes fast: its expiry is later than ours, ours wins.
+        let fast = datetime!(2026-11-23 13:10:00 UTC);
+        assert_eq!(resolve_expiry(Some(fast), sent, hour, None, &clock), sent + hour);
+        // Provider gave a shorter key than asked: theirs wins.
+        let short = datetime!(2026-11-23 12:30:00 UTC);
+        assert_eq!(resolve_expiry(Some(short), sent, hour, None, &clock), short);
+        // No expiry from the provider (GleSYS): the lease end.
+        assert_eq!(resolve_expiry(None, sent, hour, None, &clock), sent + hour);
+    }
+
+    #[test]
+    fn parses_http_dates() {
+        assert_eq!(
+            httpdate_parse("Mon, 23 Nov 2026 18:00:00 GMT").unwrap(),
+            datetime!(2026-11-23 18:00:00 UTC)
+        );
+    }
+}
+
+/// Builds the provider a profile configures.
+pub fn from_config(
+    profile: &crate::config::ProfileConfig,
+    clock: &Clock,
+) -> Result<std::sync::Arc<dyn Provider>, http::TlsSetupError> {
+    use crate::config::ProviderCredentials;
+    Ok(match &profile.credentials {
+        ProviderCredentials::Coreweave { token } => {
+            let client = http::HttpClient::new(profile.ca_file.as_deref(), http::DEFAULT_CALL_TIMEOUT)?;
+            std::sync::Arc::new(coreweave::CoreWeave::new(client, &profile.endpoint, token.clone(), clock.clone()))
+        }
+        ProviderCredentials::Dev => std::sync::Arc::new(dev::Dev::new(clock.clone())),
+    })
+}
