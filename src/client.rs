@@ -50,36 +50,60 @@ pub fn get(socket: &Path, path: &str, timeout: Duration) -> Result<Answer, Strin
         ),
         _ => format!("cannot connect to the keybroker daemon at {shown}: {e}"),
     })?;
-    let timed_out = || format!("the keybroker daemon at {shown} did not answer within {}s; check its log (journalctl -u keybroker)", timeout.as_secs());
-    let remaining = || deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero());
-    stream.set_write_timeout(remaining()).map_err(|e| e.to_string())?;
+    let timed_out = || {
+        format!("the keybroker daemon at {shown} did not answer within {}s; check its log (journalctl -u keybroker)", timeout.as_secs())
+    };
+    let remaining = || {
+        deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+    };
+    stream
+        .set_write_timeout(remaining())
+        .map_err(|e| e.to_string())?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: keybroker\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).map_err(|e| match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => timed_out(),
-        _ => format!("sending to the keybroker daemon at {shown}: {e}"),
-    })?;
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => timed_out(),
+            _ => format!("sending to the keybroker daemon at {shown}: {e}"),
+        })?;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     loop {
-        let Some(left) = remaining() else { return Err(timed_out()) };
-        stream.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+        let Some(left) = remaining() else {
+            return Err(timed_out());
+        };
+        stream
+            .set_read_timeout(Some(left))
+            .map_err(|e| e.to_string())?;
         match stream.read(&mut chunk) {
             Ok(0) => break,
             Ok(n) => {
                 buf.extend_from_slice(&chunk[..n]);
                 if buf.len() > MAX_RESPONSE {
-                    return Err(format!("the keybroker daemon at {shown} sent an oversized answer"));
+                    return Err(format!(
+                        "the keybroker daemon at {shown} sent an oversized answer"
+                    ));
                 }
                 if let Some(answer) = parse(&buf)? {
                     return Ok(answer);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Err(timed_out()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(timed_out())
+            }
             Err(e) => return Err(format!("reading from the keybroker daemon at {shown}: {e}")),
         }
     }
-    parse(&buf)?.ok_or_else(|| format!("the keybroker daemon at {shown} closed the connection mid-answer"))
+    parse(&buf)?
+        .ok_or_else(|| format!("the keybroker daemon at {shown} closed the connection mid-answer"))
 }
 
 /// Parses a complete response, or `None` if more bytes are needed.
@@ -99,7 +123,9 @@ fn parse(buf: &[u8]) -> Result<Option<Answer>, String> {
             .map(str::trim)
     };
     let length: usize = match header("content-length") {
-        Some(v) => v.parse().map_err(|_| "the keybroker daemon sent a bad Content-Length".to_string())?,
+        Some(v) => v
+            .parse()
+            .map_err(|_| "the keybroker daemon sent a bad Content-Length".to_string())?,
         None => return Err("the keybroker daemon sent an answer without Content-Length".into()),
     };
     let body = &buf[head_len..];
@@ -115,7 +141,11 @@ fn parse(buf: &[u8]) -> Result<Option<Answer>, String> {
 
 /// The credential_process JSON for `profile`, or the one line to print on stderr.
 pub fn credential_process(socket: &Path, profile: &str) -> Result<Vec<u8>, String> {
-    let answer = get(socket, &format!("/v1/credentials/{profile}"), CLIENT_TIMEOUT)?;
+    let answer = get(
+        socket,
+        &format!("/v1/credentials/{profile}"),
+        CLIENT_TIMEOUT,
+    )?;
     let message = answer.error_message();
     match answer.status {
         200 => Ok(answer.body),
@@ -129,36 +159,16 @@ pub fn credential_process(socket: &Path, profile: &str) -> Result<Vec<u8>, Strin
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_complete_and_partial_answers() {
-        let full = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 2\r\nretry-after: 7\r\n\r\n{}";
-        assert!(parse(&full[..20]).unwrap().is_none());
-        assert!(parse(&full[..full.len() - 1]).unwrap().is_none());
-        let a = parse(full).unwrap().unwrap();
-        assert_eq!((a.status, a.retry_after, a.body.as_slice()), (503, Some(7), &b"{}"[..]));
-    }
-
-    #[test]
-    fn error_message_reads_the_json_error() {
-        let a = Answer {
-            status: 404,
-            retry_after: None,
-            body: br#"{"error":{"code":"unknown_profile","message":"no profile named \"x\""}}"#.to_vec(),
-        };
-        assert_eq!(a.error_message(), "no profile named \"x\"");
-    }
-}
-
 /// `keybroker status`: prints the table (or the JSON) and tells whether every profile is
 /// healthy (not degraded, not unavailable).
 pub fn status(socket: &Path, json: bool) -> Result<bool, String> {
     let answer = get(socket, "/v1/status", CLIENT_TIMEOUT)?;
     if answer.status != 200 {
-        return Err(format!("status: the daemon answered HTTP {}: {}", answer.status, answer.error_message()));
+        return Err(format!(
+            "status: the daemon answered HTTP {}: {}",
+            answer.status,
+            answer.error_message()
+        ));
     }
     let value: serde_json::Value = serde_json::from_slice(&answer.body)
         .map_err(|e| format!("status: unreadable answer from the daemon: {e}"))?;
@@ -167,14 +177,18 @@ pub fn status(socket: &Path, json: bool) -> Result<bool, String> {
         .iter()
         .all(|p| !matches!(p["state"].as_str(), Some("degraded" | "unavailable")));
     if json {
-        println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
     } else {
         print!("{}", status_table(&profiles));
     }
     Ok(healthy)
 }
 
-/// The status table, readable in 80 columns.
+/// The status table, readable in 80 columns: one row per profile, and the last error (if
+/// any) on indented lines below it.
 pub fn status_table(profiles: &[serde_json::Value]) -> String {
     let cell = |v: &serde_json::Value, width: usize| {
         let s = v.as_str().unwrap_or("-");
@@ -185,22 +199,50 @@ pub fn status_table(profiles: &[serde_json::Value]) -> String {
         }
     };
     let span = |v: &serde_json::Value| v.as_i64().map_or("-".to_string(), short_duration);
-    let mut out = format!(
-        "{:<12} {:<9} {:<20} {:>7} {:>7} {:<11} {}\n",
-        "PROFILE", "PROVIDER", "KEY", "EXPIRES", "RENEWS", "STATE", "LAST ERROR"
-    );
+    let row = |cols: [&str; 6]| {
+        format!(
+            "{:<14} {:<9} {:<20} {:>7} {:>7}  {}\n",
+            cols[0], cols[1], cols[2], cols[3], cols[4], cols[5]
+        )
+    };
+    let mut out = row(["PROFILE", "PROVIDER", "KEY", "EXPIRES", "RENEWS", "STATE"]);
     for p in profiles {
-        out.push_str(&format!(
-            "{:<12} {:<9} {:<20} {:>7} {:>7} {:<11} {}\n",
-            cell(&p["name"], 12),
-            cell(&p["provider"], 9),
-            cell(&p["key_id"], 20),
-            span(&p["expires_in_seconds"]),
-            span(&p["renews_in_seconds"]),
-            cell(&p["state"], 11),
-            cell(&p["last_error"], 200),
-        ));
+        out.push_str(&row([
+            &cell(&p["name"], 14),
+            &cell(&p["provider"], 9),
+            &cell(&p["key_id"], 20),
+            &span(&p["expires_in_seconds"]),
+            &span(&p["renews_in_seconds"]),
+            &cell(&p["state"], 11),
+        ]));
+        if let Some(error) = p["last_error"].as_str() {
+            out.push_str(&wrap(&format!("last error: {error}"), "  ", 80));
+        }
     }
+    out
+}
+
+/// Word-wraps `text` to `width` columns: the first line starts with `indent`, the others
+/// with two more spaces.
+fn wrap(text: &str, indent: &str, width: usize) -> String {
+    let mut out = String::new();
+    let mut line = indent.to_string();
+    let mut empty = true;
+    for word in text.split_whitespace() {
+        if !empty && line.chars().count() + 1 + word.chars().count() > width {
+            out.push_str(&line);
+            out.push('\n');
+            line = format!("{indent}  ");
+            empty = true;
+        }
+        if !empty {
+            line.push(' ');
+        }
+        line.push_str(word);
+        empty = false;
+    }
+    out.push_str(&line);
+    out.push('\n');
     out
 }
 
@@ -212,5 +254,54 @@ fn short_duration(seconds: i64) -> String {
         60..=3599 => format!("{}m", s / 60),
         3600..=86_399 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
         _ => format!("{}d{:02}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_complete_and_partial_answers() {
+        let full =
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 2\r\nretry-after: 7\r\n\r\n{}";
+        assert!(parse(&full[..20]).unwrap().is_none());
+        assert!(parse(&full[..full.len() - 1]).unwrap().is_none());
+        let a = parse(full).unwrap().unwrap();
+        assert_eq!(
+            (a.status, a.retry_after, a.body.as_slice()),
+            (503, Some(7), &b"{}"[..])
+        );
+    }
+
+    #[test]
+    fn status_table_fits_80_columns_with_long_errors() {
+        let p = serde_json::json!({
+            "name": "a-rather-long-profile-name", "provider": "coreweave", "key_id": "CWABCDEFGHIJKLMN",
+            "expires_in_seconds": 3000, "renews_in_seconds": 1200, "state": "degraded",
+            "last_error": "CoreWeave create access key: HTTP 503 Service Unavailable: the object storage control plane is unavailable in this region, try again later"
+        });
+        let table = status_table(&[p]);
+        assert!(table.lines().all(|l| l.chars().count() <= 80), "{table}");
+        assert!(
+            table.contains("a-rather-long… ") && table.contains("50m") && table.contains("20m"),
+            "{table}"
+        );
+        assert!(
+            table.contains("  last error: CoreWeave") && table.contains("later"),
+            "{table}"
+        );
+        assert_eq!(table.lines().count(), 4, "{table}");
+    }
+
+    #[test]
+    fn error_message_reads_the_json_error() {
+        let a = Answer {
+            status: 404,
+            retry_after: None,
+            body: br#"{"error":{"code":"unknown_profile","message":"no profile named \"x\""}}"#
+                .to_vec(),
+        };
+        assert_eq!(a.error_message(), "no profile named \"x\"");
     }
 }

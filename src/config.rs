@@ -43,7 +43,9 @@ pub struct ConfigError {
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.location {
-            Some((line, col)) => write!(f, "{}:{line}:{col}: {}", self.path.display(), self.message),
+            Some((line, col)) => {
+                write!(f, "{}:{line}:{col}: {}", self.path.display(), self.message)
+            }
             None => write!(f, "{}: {}", self.path.display(), self.message),
         }
     }
@@ -75,8 +77,6 @@ pub struct ServerConfig {
     pub state_dir: Option<PathBuf>,
     /// Revoke budget at stop.
     pub shutdown_timeout: Duration,
-    /// The loopback container-credentials endpoint, if enabled.
-    pub container_listen: Option<SocketAddr>,
 }
 
 /// `[profiles.NAME]`.
@@ -214,10 +214,17 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 pub fn parse(src: &str, path: &Path) -> Result<Config, ConfigError> {
     let loc = Located { path, src };
     let raw: RawConfig = toml::from_str(src).map_err(|e| {
-        let message = e.message().replace("unknown field", "unknown key").replace("expected one of", "expected one of the keys");
+        let message = e
+            .message()
+            .replace("unknown field", "unknown key")
+            .replace("expected one of", "expected one of the keys");
         match e.span() {
             Some(span) => loc.at(span, message),
-            None => ConfigError { path: path.to_path_buf(), location: None, message },
+            None => ConfigError {
+                path: path.to_path_buf(),
+                location: None,
+                message,
+            },
         }
     })?;
     let server = server_config(&loc, raw.server)?;
@@ -225,7 +232,8 @@ pub fn parse(src: &str, path: &Path) -> Result<Config, ConfigError> {
         return Err(ConfigError {
             path: path.to_path_buf(),
             location: None,
-            message: "no [profiles.NAME] table: add one profile so keybroker has keys to serve".into(),
+            message: "no [profiles.NAME] table: add one profile so keybroker has keys to serve"
+                .into(),
         });
     }
     let mut profiles = BTreeMap::new();
@@ -247,7 +255,6 @@ fn server_config(loc: &Located<'_>, raw: Option<RawServer>) -> Result<ServerConf
         socket_group: None,
         state_dir: None,
         shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
-        container_listen: None,
     };
     let Some(raw) = raw else { return Ok(server) };
     if let Some(socket) = raw.socket {
@@ -263,7 +270,10 @@ fn server_config(loc: &Located<'_>, raw: Option<RawServer>) -> Result<ServerConf
             .ok_or_else(|| {
                 loc.at(
                     mode.span(),
-                    format!("socket_mode {:?} is not an octal file mode like \"0660\"", mode.get_ref()),
+                    format!(
+                        "socket_mode {:?} is not an octal file mode like \"0660\"",
+                        mode.get_ref()
+                    ),
                 )
             })?;
     }
@@ -279,7 +289,10 @@ fn server_config(loc: &Located<'_>, raw: Option<RawServer>) -> Result<ServerConf
     if let Some(timeout) = raw.shutdown_timeout {
         server.shutdown_timeout = loc.duration(&timeout, "shutdown_timeout")?;
         if server.shutdown_timeout.is_zero() {
-            return Err(loc.at(timeout.span(), "shutdown_timeout must be greater than zero: keys need time to be revoked"));
+            return Err(loc.at(
+                timeout.span(),
+                "shutdown_timeout must be greater than zero: keys need time to be revoked",
+            ));
         }
     }
     if let Some(container) = raw.container {
@@ -287,7 +300,10 @@ fn server_config(loc: &Located<'_>, raw: Option<RawServer>) -> Result<ServerConf
         let addr: SocketAddr = listen.get_ref().parse().map_err(|_| {
             loc.at(
                 listen.span(),
-                format!("listen {:?} is not an address like \"127.0.0.1:9911\"", listen.get_ref()),
+                format!(
+                    "listen {:?} is not an address like \"127.0.0.1:9911\"",
+                    listen.get_ref()
+                ),
             )
         })?;
         if !addr.ip().is_loopback() {
@@ -296,10 +312,18 @@ fn server_config(loc: &Located<'_>, raw: Option<RawServer>) -> Result<ServerConf
                 format!("listen {addr} is not a loopback address: the container endpoint serves keys to local SDKs only; use 127.0.0.1 or [::1]"),
             ));
         }
-        server.container_listen = Some(addr);
+        // The endpoint itself arrives with the next version; accepting the setting silently
+        // would leave SDKs pointed at a port nothing listens on.
+        return Err(loc.at(
+            listen.span(),
+            format!("listen {addr}: the container endpoint is not available in this version of keybroker yet; remove [server.container]"),
+        ));
     }
     Ok(server)
 }
+
+/// A provider-specific key: its name, where it was set, and the providers it belongs to.
+type ForeignKey = (&'static str, Option<Range<usize>>, &'static [ProviderKind]);
 
 fn valid_profile_name(name: &str) -> bool {
     !name.is_empty()
@@ -329,19 +353,50 @@ fn profile_config(
     let in_profile = |what: String| format!("profile {name}: {what}");
 
     // Keys that belong to other providers are mistakes, not silently ignored settings.
-    let foreign: [(&str, Option<Range<usize>>, &[ProviderKind]); 7] = [
-        ("token_file", raw.token_file.as_ref().map(Spanned::span), &[ProviderKind::Coreweave]),
-        ("access_key_id", raw.access_key_id.as_ref().map(Spanned::span), &[ProviderKind::Crusoe]),
-        ("secret_key_file", raw.secret_key_file.as_ref().map(Spanned::span), &[ProviderKind::Crusoe]),
-        ("org_id", raw.org_id.as_ref().map(Spanned::span), &[ProviderKind::Crusoe]),
-        ("project", raw.project.as_ref().map(Spanned::span), &[ProviderKind::Glesys]),
-        ("api_key_file", raw.api_key_file.as_ref().map(Spanned::span), &[ProviderKind::Glesys]),
-        ("instance_id", raw.instance_id.as_ref().map(Spanned::span), &[ProviderKind::Glesys]),
+    let foreign: [ForeignKey; 7] = [
+        (
+            "token_file",
+            raw.token_file.as_ref().map(Spanned::span),
+            &[ProviderKind::Coreweave],
+        ),
+        (
+            "access_key_id",
+            raw.access_key_id.as_ref().map(Spanned::span),
+            &[ProviderKind::Crusoe],
+        ),
+        (
+            "secret_key_file",
+            raw.secret_key_file.as_ref().map(Spanned::span),
+            &[ProviderKind::Crusoe],
+        ),
+        (
+            "org_id",
+            raw.org_id.as_ref().map(Spanned::span),
+            &[ProviderKind::Crusoe],
+        ),
+        (
+            "project",
+            raw.project.as_ref().map(Spanned::span),
+            &[ProviderKind::Glesys],
+        ),
+        (
+            "api_key_file",
+            raw.api_key_file.as_ref().map(Spanned::span),
+            &[ProviderKind::Glesys],
+        ),
+        (
+            "instance_id",
+            raw.instance_id.as_ref().map(Spanned::span),
+            &[ProviderKind::Glesys],
+        ),
     ];
     for (key, span, owners) in foreign {
         if let Some(span) = span {
             if !owners.contains(&provider) {
-                return Err(loc.at(span, in_profile(format!("{key} does not apply to provider {provider}"))));
+                return Err(loc.at(
+                    span,
+                    in_profile(format!("{key} does not apply to provider {provider}")),
+                ));
             }
         }
     }
@@ -351,7 +406,10 @@ fn profile_config(
             ("ca_file", raw.ca_file.as_ref().map(Spanned::span)),
         ] {
             if let Some(span) = span {
-                return Err(loc.at(span, in_profile(format!("{key} does not apply to provider dev"))));
+                return Err(loc.at(
+                    span,
+                    in_profile(format!("{key} does not apply to provider dev")),
+                ));
             }
         }
     }
@@ -359,7 +417,13 @@ fn profile_config(
     let credentials = match provider {
         ProviderKind::Coreweave => {
             let Some(file) = &raw.token_file else {
-                return Err(loc.at(table_span, in_profile("provider coreweave needs token_file (the CoreWeave API access token)".into())));
+                return Err(loc.at(
+                    table_span,
+                    in_profile(
+                        "provider coreweave needs token_file (the CoreWeave API access token)"
+                            .into(),
+                    ),
+                ));
             };
             ProviderCredentials::Coreweave {
                 token: read_secret(loc, file, "token_file")?,
@@ -369,14 +433,17 @@ fn profile_config(
         ProviderKind::Crusoe | ProviderKind::Glesys => {
             return Err(loc.at(
                 raw.provider.span(),
-                in_profile(format!("provider {provider} is not supported by this version of keybroker yet")),
+                in_profile(format!(
+                    "provider {provider} is not supported by this version of keybroker yet"
+                )),
             ));
         }
     };
 
     let endpoint = match &raw.endpoint {
         Some(endpoint) => {
-            check_endpoint(endpoint.get_ref()).map_err(|why| loc.at(endpoint.span(), in_profile(why)))?;
+            check_endpoint(endpoint.get_ref())
+                .map_err(|why| loc.at(endpoint.span(), in_profile(why)))?;
             endpoint.get_ref().clone()
         }
         None => match provider {
@@ -420,20 +487,30 @@ fn renew_policy(
     table_span: Range<usize>,
     in_profile: &dyn Fn(String) -> String,
 ) -> Result<RenewPolicy, ConfigError> {
-    let span_of = |v: &Option<Spanned<String>>| v.as_ref().map_or(table_span.clone(), Spanned::span);
+    let span_of =
+        |v: &Option<Spanned<String>>| v.as_ref().map_or(table_span.clone(), Spanned::span);
     let lifetime = match &raw.lifetime {
         Some(v) => loc.duration(v, "lifetime")?,
         None => DEFAULT_LIFETIME,
     };
     let lifetime_span = span_of(&raw.lifetime);
     if lifetime.is_zero() {
-        return Err(loc.at(lifetime_span, in_profile("lifetime must be greater than zero: keybroker never mints permanent keys".into())));
+        return Err(loc.at(
+            lifetime_span,
+            in_profile(
+                "lifetime must be greater than zero: keybroker never mints permanent keys".into(),
+            ),
+        ));
     }
     if let Some(max) = provider.max_lifetime() {
         if lifetime > max {
             return Err(loc.at(
                 lifetime_span,
-                in_profile(format!("lifetime ({}) exceeds {provider}'s maximum of {}", show(lifetime), show(max))),
+                in_profile(format!(
+                    "lifetime ({}) exceeds {provider}'s maximum of {}",
+                    show(lifetime),
+                    show(max)
+                )),
             ));
         }
     }
@@ -445,15 +522,29 @@ fn renew_policy(
         Some(v) => loc.duration(v, "min_remaining")?,
         None => DEFAULT_MIN_REMAINING,
     };
-    let defaulted = |key: &str, v: &Option<Spanned<String>>| if v.is_some() { String::new() } else { format!(" (the default for {key})") };
+    let defaulted = |key: &str, v: &Option<Spanned<String>>| {
+        if v.is_some() {
+            String::new()
+        } else {
+            format!(" (the default for {key})")
+        }
+    };
     if renew_before >= lifetime {
         return Err(loc.at(
             span_of(&raw.renew_before),
-            in_profile(format!("renew_before ({}) must be less than lifetime ({})", show(renew_before), show(lifetime))),
+            in_profile(format!(
+                "renew_before ({}) must be less than lifetime ({})",
+                show(renew_before),
+                show(lifetime)
+            )),
         ));
     }
     if min_remaining >= renew_before {
-        let span = if raw.min_remaining.is_some() { span_of(&raw.min_remaining) } else { span_of(&raw.renew_before) };
+        let span = if raw.min_remaining.is_some() {
+            span_of(&raw.min_remaining)
+        } else {
+            span_of(&raw.renew_before)
+        };
         return Err(loc.at(
             if raw.renew_before.is_none() && raw.min_remaining.is_none() { lifetime_span } else { span },
             in_profile(format!(
@@ -494,7 +585,9 @@ fn check_endpoint(url: &str) -> Result<(), String> {
         Some("http") => {
             let bare = host.trim_start_matches('[').trim_end_matches(']');
             let loopback = bare == "localhost"
-                || bare.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+                || bare
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
             if loopback {
                 Ok(())
             } else {
@@ -510,7 +603,11 @@ fn check_endpoint(url: &str) -> Result<(), String> {
 /// Reads a secret file: `name` without '/' is looked up in `$CREDENTIALS_DIRECTORY` (systemd
 /// `LoadCredential=`), a relative path is relative to the config file. The file must not be
 /// readable or writable by group or others.
-fn read_secret(loc: &Located<'_>, value: &Spanned<String>, key: &str) -> Result<Secret, ConfigError> {
+fn read_secret(
+    loc: &Located<'_>,
+    value: &Spanned<String>,
+    key: &str,
+) -> Result<Secret, ConfigError> {
     let raw = value.get_ref();
     let path = if raw.contains('/') {
         let p = PathBuf::from(raw);
@@ -548,7 +645,11 @@ fn read_secret(loc: &Located<'_>, value: &Spanned<String>, key: &str) -> Result<
 }
 
 /// A group given by number or by name (looked up in /etc/group).
-fn group_id(loc: &Located<'_>, value: &Spanned<toml::Value>, key: &str) -> Result<u32, ConfigError> {
+fn group_id(
+    loc: &Located<'_>,
+    value: &Spanned<toml::Value>,
+    key: &str,
+) -> Result<u32, ConfigError> {
     match value.get_ref() {
         toml::Value::Integer(n) => u32::try_from(*n)
             .map_err(|_| loc.at(value.span(), format!("{key}: {n} is not a group id"))),
@@ -557,10 +658,19 @@ fn group_id(loc: &Located<'_>, value: &Spanned<toml::Value>, key: &str) -> Resul
                 return Ok(n);
             }
             crate::users::group_by_name(name).ok_or_else(|| {
-                loc.at(value.span(), format!("{key}: no group named {name:?} in /etc/group"))
+                loc.at(
+                    value.span(),
+                    format!("{key}: no group named {name:?} in /etc/group"),
+                )
             })
         }
-        other => Err(loc.at(value.span(), format!("{key}: expected a group name or id, found {}", other.type_str()))),
+        other => Err(loc.at(
+            value.span(),
+            format!(
+                "{key}: expected a group name or id, found {}",
+                other.type_str()
+            ),
+        )),
     }
 }
 
@@ -590,7 +700,6 @@ pub fn dev() -> Config {
             socket_group: None,
             state_dir: None,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
-            container_listen: None,
         },
         profiles: BTreeMap::from([("dev".to_string(), profile)]),
     }
@@ -603,22 +712,46 @@ pub fn resolve_config_path(flag: Option<&Path>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
 }
 
-/// The socket path (DESIGN.md §2): `--socket`, else `$KEYBROKER_SOCKET`, else the config file's
-/// `socket` (serve only), else `/run/keybroker/keybroker.sock` for root, else
-/// `$XDG_RUNTIME_DIR/keybroker/keybroker.sock`, else `/tmp/keybroker-$UID/keybroker.sock`.
+/// The system daemon's socket, the default for root.
+pub const SYSTEM_SOCKET: &str = "/run/keybroker/keybroker.sock";
+
+/// The socket `serve` binds (DESIGN.md §2): `$KEYBROKER_SOCKET`, else the config file's
+/// `socket`, else the per-user default ([`default_socket`]).
 pub fn resolve_socket(flag: Option<&Path>, configured: Option<&Path>) -> PathBuf {
-    if let Some(p) = flag {
-        return p.to_path_buf();
+    explicit_socket(flag)
+        .or_else(|| configured.map(Path::to_path_buf))
+        .unwrap_or_else(default_socket)
+}
+
+/// The socket clients connect to: `--socket`, else `$KEYBROKER_SOCKET`, else the per-user
+/// default, except that a non-root user with no daemon of their own reaches the system
+/// daemon at [`SYSTEM_SOCKET`] without flags.
+pub fn resolve_client_socket(flag: Option<&Path>) -> PathBuf {
+    if let Some(p) = explicit_socket(flag) {
+        return p;
     }
-    if let Some(p) = std::env::var_os("KEYBROKER_SOCKET").filter(|v| !v.is_empty()) {
-        return PathBuf::from(p);
+    let own = default_socket();
+    let system = Path::new(SYSTEM_SOCKET);
+    if !own.exists() && system.exists() {
+        return system.to_path_buf();
     }
-    if let Some(p) = configured {
-        return p.to_path_buf();
-    }
+    own
+}
+
+fn explicit_socket(flag: Option<&Path>) -> Option<PathBuf> {
+    flag.map(Path::to_path_buf).or_else(|| {
+        std::env::var_os("KEYBROKER_SOCKET")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    })
+}
+
+/// `/run/keybroker/keybroker.sock` for root, else `$XDG_RUNTIME_DIR/keybroker/keybroker.sock`,
+/// else `/tmp/keybroker-$UID/keybroker.sock`.
+pub fn default_socket() -> PathBuf {
     let uid = rustix::process::getuid().as_raw();
     if uid == 0 {
-        return PathBuf::from("/run/keybroker/keybroker.sock");
+        return PathBuf::from(SYSTEM_SOCKET);
     }
     if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
         return PathBuf::from(dir).join("keybroker/keybroker.sock");
@@ -649,7 +782,11 @@ mod tests {
     fn errors_carry_line_and_column() {
         let e = err("[profiles.d]\nprovider = \"dev\"\nlifetime = \"1h\"\nrenew_before = \"2h\"\n");
         assert_eq!(e.location, Some((4, 16)));
-        assert!(e.message.contains("renew_before (2h) must be less than lifetime (1h)"), "{e}");
+        assert!(
+            e.message
+                .contains("renew_before (2h) must be less than lifetime (1h)"),
+            "{e}"
+        );
         assert_eq!(
             e.to_string(),
             "k.toml:4:16: profile d: renew_before (2h) must be less than lifetime (1h)"

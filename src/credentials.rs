@@ -145,12 +145,19 @@ mod tests {
             Some(&Secret::new("T")),
             datetime!(2026-11-23 18:00:00 UTC),
         );
-        assert!(std::str::from_utf8(&body).unwrap().contains("\"SessionToken\":\"T\""));
+        assert!(std::str::from_utf8(&body)
+            .unwrap()
+            .contains("\"SessionToken\":\"T\""));
     }
 
     #[test]
     fn container_json_always_has_token() {
-        let body = container_json("AK", &Secret::new("SK"), None, datetime!(2026-11-23 18:00:00 UTC));
+        let body = container_json(
+            "AK",
+            &Secret::new("SK"),
+            None,
+            datetime!(2026-11-23 18:00:00 UTC),
+        );
         assert_eq!(
             &body[..],
             b"{\"AccessKeyId\":\"AK\",\"SecretAccessKey\":\"SK\",\"Token\":\"\",\"Expiration\":\"2026-11-23T18:00:00Z\"}\n"

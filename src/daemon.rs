@@ -52,7 +52,9 @@ pub fn start(
     shutdown_timeout: Duration,
 ) -> Result<Running, DaemonError> {
     let listener = socket.listener.try_clone().map_err(DaemonError::Listener)?;
-    listener.set_nonblocking(true).map_err(DaemonError::Listener)?;
+    listener
+        .set_nonblocking(true)
+        .map_err(DaemonError::Listener)?;
     let listener = tokio::net::UnixListener::from_std(listener).map_err(DaemonError::Listener)?;
     let broker = Arc::new(Broker::start(profiles, clock, seed, DEFAULT_MINT_WAIT));
     let app = Arc::new(App {
@@ -81,7 +83,10 @@ impl Running {
     /// concurrently, remove the socket. All within `shutdown_timeout`.
     pub async fn stop(self) -> StopReport {
         let deadline = Instant::now() + self.shutdown_timeout;
-        tracing::info!(timeout_seconds = self.shutdown_timeout.as_secs_f64(), "stopping: no new connections, draining requests");
+        tracing::info!(
+            timeout_seconds = self.shutdown_timeout.as_secs_f64(),
+            "stopping: no new connections, draining requests"
+        );
         self.stop_server.cancel();
         let _ = tokio::time::timeout_at(deadline, self.server).await;
         tracing::info!("stopping: revoking keys");
@@ -103,10 +108,11 @@ pub fn profiles_from(config: &Config, clock: &Clock) -> Result<Vec<ProfileSpec>,
         .profiles
         .values()
         .map(|p| {
-            let provider = crate::provider::from_config(p, clock).map_err(|source| DaemonError::Provider {
-                profile: p.name.clone(),
-                source,
-            })?;
+            let provider =
+                crate::provider::from_config(p, clock).map_err(|source| DaemonError::Provider {
+                    profile: p.name.clone(),
+                    source,
+                })?;
             Ok(ProfileSpec {
                 name: p.name.clone(),
                 provider,
@@ -138,7 +144,11 @@ pub async fn run(
     socket_path: &Path,
     stop: impl Future<Output = ()>,
 ) -> Result<StopReport, DaemonError> {
-    let socket = server::bind_socket(socket_path, config.server.socket_mode, config.server.socket_group)?;
+    let socket = server::bind_socket(
+        socket_path,
+        config.server.socket_mode,
+        config.server.socket_group,
+    )?;
     let names: Vec<String> = profiles.iter().map(|p| p.name.clone()).collect();
     let running = start(
         profiles,

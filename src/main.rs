@@ -18,27 +18,44 @@ fn main() -> ExitCode {
         Err(e) => {
             let _ = e.print();
             return match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
                 // aws-cli only needs non-zero; the contract says 1 for every client failure.
-                _ if matches!(std::env::args().nth(1).as_deref(), Some("credential-process" | "status")) => ExitCode::FAILURE,
+                _ if matches!(
+                    std::env::args().nth(1).as_deref(),
+                    Some("credential-process" | "status")
+                ) =>
+                {
+                    ExitCode::FAILURE
+                }
                 _ => ExitCode::from(EXIT_USAGE),
             };
         }
     };
     match cli.command {
-        Command::Serve { config, dev, log_format } => serve(config, dev, log_format),
+        Command::Serve {
+            config,
+            dev,
+            log_format,
+        } => serve(config, dev, log_format),
         Command::CheckConfig { config } => {
             let path = config::resolve_config_path(config.as_deref());
             match config::load(&path) {
                 Ok(c) => {
-                    println!("{}: ok ({} profiles: {})", path.display(), c.profiles.len(), c.profiles.keys().cloned().collect::<Vec<_>>().join(", "));
+                    println!(
+                        "{}: ok ({} profiles: {})",
+                        path.display(),
+                        c.profiles.len(),
+                        c.profiles.keys().cloned().collect::<Vec<_>>().join(", ")
+                    );
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail_usage(&format!("config {e}")),
             }
         }
         Command::CredentialProcess { profile, socket } => {
-            let socket = config::resolve_socket(socket.as_deref(), None);
+            let socket = config::resolve_client_socket(socket.as_deref());
             match client::credential_process(&socket, &profile) {
                 Ok(json) => {
                     let mut out = std::io::stdout().lock();
@@ -51,10 +68,14 @@ fn main() -> ExitCode {
             }
         }
         Command::Status { socket, json } => {
-            let socket = config::resolve_socket(socket.as_deref(), None);
+            let socket = config::resolve_client_socket(socket.as_deref());
             match client::status(&socket, json) {
                 Ok(healthy) => {
-                    if healthy { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+                    if healthy {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
                 }
                 Err(line) => fail(&line),
             }
@@ -72,7 +93,11 @@ fn fail_usage(line: &str) -> ExitCode {
     ExitCode::from(EXIT_USAGE)
 }
 
-fn serve(config_flag: Option<std::path::PathBuf>, dev: bool, log_format: logging::LogFormat) -> ExitCode {
+fn serve(
+    config_flag: Option<std::path::PathBuf>,
+    dev: bool,
+    log_format: logging::LogFormat,
+) -> ExitCode {
     let config = if dev {
         config::dev()
     } else {
@@ -85,7 +110,10 @@ fn serve(config_flag: Option<std::path::PathBuf>, dev: bool, log_format: logging
     logging::init(log_format);
     daemon::raise_fd_limit();
     let socket = config::resolve_socket(None, config.server.socket.as_deref());
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
     };
@@ -102,7 +130,11 @@ fn serve(config_flag: Option<std::path::PathBuf>, dev: bool, log_format: logging
             Err(e) => fail(&e.to_string()),
             Ok(report) if report.unrevoked.is_empty() => ExitCode::SUCCESS,
             Ok(report) => {
-                let ids: Vec<String> = report.unrevoked.iter().map(|(id, why)| format!("{id} ({why})")).collect();
+                let ids: Vec<String> = report
+                    .unrevoked
+                    .iter()
+                    .map(|(id, why)| format!("{id} ({why})"))
+                    .collect();
                 fail(&format!(
                     "{} keys left unrevoked; they stay valid until they expire: {}",
                     report.unrevoked.len(),
@@ -114,13 +146,18 @@ fn serve(config_flag: Option<std::path::PathBuf>, dev: bool, log_format: logging
 }
 
 fn print_dev_banner(socket: &std::path::Path) {
-    let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "keybroker".into());
-    let socket_arg = if config::resolve_socket(None, None) == socket {
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "keybroker".into());
+    let socket_arg = if config::resolve_client_socket(None) == socket {
         String::new()
     } else {
         format!(" --socket {}", socket.display())
     };
-    println!("keybroker dev mode: profile \"dev\" on {}", socket.display());
+    println!(
+        "keybroker dev mode: profile \"dev\" on {}",
+        socket.display()
+    );
     println!("Keys are made in process (no cloud); they expire and are revoked like real ones.");
     println!("Add this to ~/.aws/config, then run: aws configure list --profile keybroker-dev\n");
     println!("[profile keybroker-dev]");

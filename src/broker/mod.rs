@@ -63,7 +63,9 @@ pub struct Broker {
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Broker").field("profiles", &self.slots.keys()).finish()
+        f.debug_struct("Broker")
+            .field("profiles", &self.slots.keys())
+            .finish()
     }
 }
 
@@ -72,7 +74,12 @@ pub const DEFAULT_MINT_WAIT: Duration = Duration::from_secs(11);
 
 impl Broker {
     /// Starts a driver task per profile. `seed` makes jitter and tags reproducible in tests.
-    pub fn start(profiles: Vec<ProfileSpec>, clock: Clock, seed: Option<u64>, mint_wait: Duration) -> Self {
+    pub fn start(
+        profiles: Vec<ProfileSpec>,
+        clock: Clock,
+        seed: Option<u64>,
+        mint_wait: Duration,
+    ) -> Self {
         let mut seeder = match seed {
             Some(s) => SmallRng::seed_from_u64(s),
             None => SmallRng::from_entropy(),
@@ -94,7 +101,11 @@ impl Broker {
             slots.insert(spec.name, (slot, spec.revoke_on_shutdown));
         }
         tasks.close();
-        Broker { slots, cancel, tasks }
+        Broker {
+            slots,
+            cancel,
+            tasks,
+        }
     }
 
     /// The slot of `profile`.
@@ -148,7 +159,11 @@ impl Broker {
         report
     }
 
-    fn revoke_all(&self, deadline: Instant, report: &mut StopReport) -> impl std::future::Future<Output = StopReport> {
+    fn revoke_all(
+        &self,
+        deadline: Instant,
+        report: &mut StopReport,
+    ) -> impl std::future::Future<Output = StopReport> {
         let mut jobs = Vec::new();
         for (slot, revoke) in self.slots.values() {
             for key in slot.take_all() {
@@ -179,7 +194,9 @@ fn merge(into: &mut StopReport, from: StopReport) {
     into.kept.extend(from.kept);
 }
 
-async fn futures_join_all<F: std::future::Future + Send + 'static>(futures: Vec<F>) -> Vec<F::Output>
+async fn futures_join_all<F: std::future::Future + Send + 'static>(
+    futures: Vec<F>,
+) -> Vec<F::Output>
 where
     F::Output: Send + 'static,
 {
@@ -194,7 +211,11 @@ where
 }
 
 /// Revokes one key, retrying what a retry can fix, until `deadline`.
-async fn revoke_by(slot: Arc<Slot>, handle: KeyHandle, deadline: Instant) -> (String, Result<(), String>) {
+async fn revoke_by(
+    slot: Arc<Slot>,
+    handle: KeyHandle,
+    deadline: Instant,
+) -> (String, Result<(), String>) {
     let id = handle.access_key_id.clone();
     let mut failures = 0;
     let outcome = loop {
@@ -206,7 +227,8 @@ async fn revoke_by(slot: Arc<Slot>, handle: KeyHandle, deadline: Instant) -> (St
         failures += 1;
         let retryable = matches!(
             err,
-            crate::provider::ProviderError::Transient(_) | crate::provider::ProviderError::RateLimited { .. }
+            crate::provider::ProviderError::Transient(_)
+                | crate::provider::ProviderError::RateLimited { .. }
         );
         let wait = backoff(failures, 0.5, Duration::from_millis(200)).min(Duration::from_secs(2));
         if !retryable || Instant::now() + wait >= deadline {
@@ -216,11 +238,15 @@ async fn revoke_by(slot: Arc<Slot>, handle: KeyHandle, deadline: Instant) -> (St
     };
     match &outcome {
         Ok(()) => {
-            slot.counters.revokes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            slot.counters
+                .revokes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::info!(profile = slot.name(), key_id = %id, "revoked key at stop");
         }
         Err(why) => {
-            slot.counters.revoke_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            slot.counters
+                .revoke_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::error!(profile = slot.name(), key_id = %id, error = %why, "could not revoke key at stop; it stays valid until it expires");
         }
     }

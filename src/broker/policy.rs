@@ -29,7 +29,9 @@ impl RenewPolicy {
     /// When to renew a key that expires at `expires_at`; `jitter` in `[0, 1)` moves it earlier
     /// by up to [`RENEW_JITTER`] of `renew_before`, so a fleet started together spreads out.
     pub fn renew_at(&self, expires_at: OffsetDateTime, jitter: f64) -> OffsetDateTime {
-        let early = self.renew_before.mul_f64(RENEW_JITTER * jitter.clamp(0.0, 1.0));
+        let early = self
+            .renew_before
+            .mul_f64(RENEW_JITTER * jitter.clamp(0.0, 1.0));
         expires_at - self.renew_before - early
     }
 
@@ -86,6 +88,9 @@ mod tests {
         assert_eq!(backoff(7, 1.0, floor), Duration::from_secs(60));
         assert_eq!(backoff(40, 1.0, floor), Duration::from_secs(60));
         assert_eq!(backoff(7, 0.5, floor), Duration::from_secs(30));
-        assert_eq!(backoff(7, 0.0, Duration::from_secs(1)), Duration::from_secs(1));
+        assert_eq!(
+            backoff(7, 0.0, Duration::from_secs(1)),
+            Duration::from_secs(1)
+        );
     }
 }

@@ -129,7 +129,9 @@ pub struct Slot {
 
 impl std::fmt::Debug for Slot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Slot").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("Slot")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -232,7 +234,10 @@ impl Slot {
     }
 
     fn jitter(&self) -> f64 {
-        self.rng.lock().expect("slot rng lock poisoned").gen::<f64>()
+        self.rng
+            .lock()
+            .expect("slot rng lock poisoned")
+            .gen::<f64>()
     }
 
     fn remaining(&self, key: &ReadyKey) -> Duration {
@@ -295,7 +300,9 @@ impl Slot {
         if let Some(key) = self.current.load_full() {
             let left = self.remaining(&key);
             if left > self.policy.degraded_floor() {
-                self.counters.degraded_serves.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .degraded_serves
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     profile = %self.name,
                     key_id = %key.handle.access_key_id,
@@ -315,7 +322,10 @@ impl Slot {
                 self.name,
                 self.provider.kind()
             ),
-            None => format!("profile {}: no valid key yet: a mint is in progress", self.name),
+            None => format!(
+                "profile {}: no valid key yet: a mint is in progress",
+                self.name
+            ),
         };
         Err(Unavailable {
             retry_after: Duration::from_secs(retry_after.as_secs_f64().ceil() as u64),
@@ -329,7 +339,11 @@ impl Slot {
         loop {
             {
                 let st = self.lock();
-                if !st.active || st.stopping || self.current.load().is_some() || st.last_error.is_some() {
+                if !st.active
+                    || st.stopping
+                    || self.current.load().is_some()
+                    || st.last_error.is_some()
+                {
                     return;
                 }
             }
@@ -402,16 +416,23 @@ impl Slot {
         } else {
             st.renew_at
         };
-        let wake_at = [next_mint, next_revoke, self.current.load().as_ref().map(|k| k.expires_at)]
-            .into_iter()
-            .flatten()
-            .min();
+        let wake_at = [
+            next_mint,
+            next_revoke,
+            self.current.load().as_ref().map(|k| k.expires_at),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         (false, wake_at)
     }
 
     fn new_tag(&self) -> String {
         let bytes: [u8; 16] = self.rng.lock().expect("slot rng lock poisoned").gen();
-        format!("keybroker-{}", uuid::Builder::from_random_bytes(bytes).into_uuid().simple())
+        format!(
+            "keybroker-{}",
+            uuid::Builder::from_random_bytes(bytes).into_uuid().simple()
+        )
     }
 
     async fn mint_once(&self) {
@@ -421,27 +442,30 @@ impl Slot {
         let result = self.provider.mint(&tag, self.policy.lifetime).await;
         let now = self.clock.now();
         let result = result.and_then(|key| {
-            let left = positive(key.expires_at - now);
-            if left < self.policy.min_remaining {
-                Err((key, left))
-            } else {
-                Ok(key)
+            {
+                let left = positive(key.expires_at - now);
+                if left < self.policy.min_remaining {
+                    Err((key, left))
+                } else {
+                    Ok(key)
+                }
             }
-        }.map_err(|(key, left)| {
-            let e = ProviderError::Malformed(format!(
-                "{kind} issued key {} with only {}s left, under min_remaining ({}s)",
-                key.access_key_id,
-                left.as_secs(),
-                self.policy.min_remaining.as_secs()
-            ));
-            // Not servable: keep it only to revoke it.
-            self.lock().retired.push(Retired {
-                revoke_at: now,
-                key: Arc::new(ReadyKey::new(key, tag.clone())),
-                failures: 0,
-            });
-            e
-        }));
+            .map_err(|(key, left)| {
+                let e = ProviderError::Malformed(format!(
+                    "{kind} issued key {} with only {}s left, under min_remaining ({}s)",
+                    key.access_key_id,
+                    left.as_secs(),
+                    self.policy.min_remaining.as_secs()
+                ));
+                // Not servable: keep it only to revoke it.
+                self.lock().retired.push(Retired {
+                    revoke_at: now,
+                    key: Arc::new(ReadyKey::new(key, tag.clone())),
+                    failures: 0,
+                });
+                e
+            })
+        });
         let jitter = self.jitter();
         let mut st = self.lock();
         st.in_flight = false;
@@ -515,7 +539,9 @@ impl Slot {
                 }
                 Err(e) => {
                     r.failures += 1;
-                    self.counters.revoke_failures.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .revoke_failures
+                        .fetch_add(1, Ordering::Relaxed);
                     let delay = backoff(r.failures, self.jitter(), e.retry_floor());
                     tracing::warn!(profile = %self.name, key_id = %r.key.handle.access_key_id, error = %e, retry_in_seconds = delay.as_secs_f64(), "revoke failed");
                     r.revoke_at = self.clock.now() + delay;
@@ -550,7 +576,11 @@ impl Slot {
                 _ => "unavailable",
             }
         } else if servable {
-            if st.in_flight { "renewing" } else { "ready" }
+            if st.in_flight {
+                "renewing"
+            } else {
+                "ready"
+            }
         } else if st.in_flight {
             "minting"
         } else {
@@ -562,8 +592,13 @@ impl Slot {
             state,
             key_id: current.as_ref().map(|k| k.handle.access_key_id.clone()),
             expires_at: current.as_ref().map(|k| format_expiration(k.expires_at)),
-            expires_in_seconds: current.as_ref().map(|k| (k.expires_at - now).whole_seconds()),
-            next_renewal: st.renew_at.filter(|_| current.is_some()).map(format_expiration),
+            expires_in_seconds: current
+                .as_ref()
+                .map(|k| (k.expires_at - now).whole_seconds()),
+            next_renewal: st
+                .renew_at
+                .filter(|_| current.is_some())
+                .map(format_expiration),
             renews_in_seconds: st
                 .renew_at
                 .filter(|_| current.is_some())

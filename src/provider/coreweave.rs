@@ -56,11 +56,18 @@ impl CoreWeave {
         }
     }
 
-    async fn post(&self, path: &str, body: serde_json::Value) -> Result<HttpResponse, ProviderError> {
+    async fn post(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> Result<HttpResponse, ProviderError> {
         let req = Request::builder()
             .method(Method::POST)
             .uri(format!("{}{path}", self.endpoint))
-            .header(http::header::AUTHORIZATION, format!("Bearer {}", self.token.expose()))
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", self.token.expose()),
+            )
             .header(http::header::CONTENT_TYPE, "application/json")
             .header(http::header::ACCEPT, "application/json")
             .body(Bytes::from(body.to_string()))
@@ -130,10 +137,14 @@ impl Provider for CoreWeave {
             return Err(status_error("create access key", &resp));
         }
         let body: CreateResponse = serde_json::from_slice(&resp.body).map_err(|e| {
-            ProviderError::Malformed(format!("CoreWeave create access key: unreadable answer: {e}"))
+            ProviderError::Malformed(format!(
+                "CoreWeave create access key: unreadable answer: {e}"
+            ))
         })?;
         let secret = body.secret_key.filter(|s| !s.is_empty()).map(Secret::new);
-        let (Some(access_key_id), Some(secret)) = (body.access_key_id.filter(|s| !s.is_empty()), secret) else {
+        let (Some(access_key_id), Some(secret)) =
+            (body.access_key_id.filter(|s| !s.is_empty()), secret)
+        else {
             return Err(ProviderError::Malformed(
                 "CoreWeave create access key: answer lacks accessKeyId or secretKey".into(),
             ));
@@ -210,7 +221,8 @@ mod tests {
     #[test]
     fn both_key_id_spellings_decode() {
         for field in ["accessKeyId", "accessKeyID"] {
-            let body = format!(r#"{{"{field}":"CWX","secretKey":"s","expiry":"2024-01-01T09:15:01Z"}}"#);
+            let body =
+                format!(r#"{{"{field}":"CWX","secretKey":"s","expiry":"2024-01-01T09:15:01Z"}}"#);
             let parsed: CreateResponse = serde_json::from_str(&body).unwrap();
             assert_eq!(parsed.access_key_id.as_deref(), Some("CWX"));
         }
@@ -223,10 +235,24 @@ mod tests {
             headers: Default::default(),
             body: Bytes::from(body.to_string()),
         };
-        assert!(matches!(status_error("x", &resp(401, r#"{"code":16,"message":"bad token"}"#)), ProviderError::Auth(m) if m.contains("bad token")));
-        assert!(matches!(status_error("x", &resp(403, "")), ProviderError::Auth(_)));
-        assert!(matches!(status_error("x", &resp(429, "")), ProviderError::RateLimited { .. }));
-        assert!(matches!(status_error("x", &resp(503, "down")), ProviderError::Transient(_)));
-        assert!(matches!(status_error("x", &resp(400, "nope")), ProviderError::Rejected(_)));
+        assert!(
+            matches!(status_error("x", &resp(401, r#"{"code":16,"message":"bad token"}"#)), ProviderError::Auth(m) if m.contains("bad token"))
+        );
+        assert!(matches!(
+            status_error("x", &resp(403, "")),
+            ProviderError::Auth(_)
+        ));
+        assert!(matches!(
+            status_error("x", &resp(429, "")),
+            ProviderError::RateLimited { .. }
+        ));
+        assert!(matches!(
+            status_error("x", &resp(503, "down")),
+            ProviderError::Transient(_)
+        ));
+        assert!(matches!(
+            status_error("x", &resp(400, "nope")),
+            ProviderError::Rejected(_)
+        ));
     }
 }

@@ -35,7 +35,12 @@ impl Dev {
     /// Keys minted, not revoked and not yet expired.
     pub fn live_keys(&self) -> usize {
         let now = self.clock.now();
-        self.live.lock().expect("dev provider lock").values().filter(|&&e| e > now).count()
+        self.live
+            .lock()
+            .expect("dev provider lock")
+            .values()
+            .filter(|&&e| e > now)
+            .count()
     }
 
     /// How many revocations the provider has accepted.
@@ -52,7 +57,10 @@ impl Provider for Dev {
 
     async fn mint(&self, _tag: &str, lifetime: Duration) -> Result<MintedKey, ProviderError> {
         let mut rng = rand::thread_rng();
-        let access_key_id = format!("KBDEV{}", Alphanumeric.sample_string(&mut rng, 15).to_uppercase());
+        let access_key_id = format!(
+            "KBDEV{}",
+            Alphanumeric.sample_string(&mut rng, 15).to_uppercase()
+        );
         let secret = Secret::new(Alphanumeric.sample_string(&mut rng, 40));
         let expires_at = self.clock.now() + lifetime;
         self.live
@@ -69,7 +77,13 @@ impl Provider for Dev {
     }
 
     async fn revoke(&self, key: &KeyHandle) -> Result<(), ProviderError> {
-        if self.live.lock().expect("dev provider lock").remove(&key.revoke_handle).is_some() {
+        if self
+            .live
+            .lock()
+            .expect("dev provider lock")
+            .remove(&key.revoke_handle)
+            .is_some()
+        {
             self.revocations.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())

@@ -23,8 +23,9 @@ const MAX_BODY: usize = 1 << 20;
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A handler that answers requests in process: the fake cloud's router, called without a socket.
-pub type InProcessHandler =
-    Arc<dyn Fn(Request<Bytes>) -> Pin<Box<dyn Future<Output = Response<Bytes>> + Send>> + Send + Sync>;
+pub type InProcessHandler = Arc<
+    dyn Fn(Request<Bytes>) -> Pin<Box<dyn Future<Output = Response<Bytes>> + Send>> + Send + Sync,
+>;
 
 /// A buffered upstream response.
 #[derive(Debug)]
@@ -52,7 +53,9 @@ pub struct HttpClient {
 
 impl std::fmt::Debug for HttpClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpClient").field("timeout", &self.timeout).finish()
+        f.debug_struct("HttpClient")
+            .field("timeout", &self.timeout)
+            .finish()
     }
 }
 
@@ -155,15 +158,16 @@ impl HttpClient {
             }
             Transport::Network(client) => {
                 let what = format!("{} {}", req.method(), req.uri().path());
-                let resp = client
-                    .request(req.map(Full::new))
-                    .await
-                    .map_err(|e| ProviderError::Transient(format!("{what}: {}", error_chain(&e))))?;
+                let resp = client.request(req.map(Full::new)).await.map_err(|e| {
+                    ProviderError::Transient(format!("{what}: {}", error_chain(&e)))
+                })?;
                 let (parts, body) = resp.into_parts();
                 let body = http_body_util::Limited::new(body, MAX_BODY)
                     .collect()
                     .await
-                    .map_err(|e| ProviderError::Transient(format!("{what}: reading the answer: {e}")))?
+                    .map_err(|e| {
+                        ProviderError::Transient(format!("{what}: reading the answer: {e}"))
+                    })?
                     .to_bytes();
                 Ok(HttpResponse {
                     status: parts.status,

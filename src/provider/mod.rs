@@ -93,12 +93,12 @@ impl ProviderError {
     pub fn retry_floor(&self) -> Duration {
         match self {
             ProviderError::Transient(_) | ProviderError::Malformed(_) => Duration::from_secs(1),
-            ProviderError::RateLimited { retry_after, .. } => {
-                retry_after.unwrap_or(Duration::from_secs(5)).max(Duration::from_secs(1))
-            }
-            ProviderError::Auth(_) | ProviderError::Rejected(_) | ProviderError::LimitReached(_) => {
-                Duration::from_secs(10)
-            }
+            ProviderError::RateLimited { retry_after, .. } => retry_after
+                .unwrap_or(Duration::from_secs(5))
+                .max(Duration::from_secs(1)),
+            ProviderError::Auth(_)
+            | ProviderError::Rejected(_)
+            | ProviderError::LimitReached(_) => Duration::from_secs(10),
         }
     }
 
@@ -213,6 +213,27 @@ pub fn brief(text: &str) -> String {
     }
 }
 
+/// Builds the provider a profile configures.
+pub fn from_config(
+    profile: &crate::config::ProfileConfig,
+    clock: &Clock,
+) -> Result<std::sync::Arc<dyn Provider>, http::TlsSetupError> {
+    use crate::config::ProviderCredentials;
+    Ok(match &profile.credentials {
+        ProviderCredentials::Coreweave { token } => {
+            let client =
+                http::HttpClient::new(profile.ca_file.as_deref(), http::DEFAULT_CALL_TIMEOUT)?;
+            std::sync::Arc::new(coreweave::CoreWeave::new(
+                client,
+                &profile.endpoint,
+                token.clone(),
+                clock.clone(),
+            ))
+        }
+        ProviderCredentials::Dev => std::sync::Arc::new(dev::Dev::new(clock.clone())),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,7 +246,10 @@ mod tests {
         let clock = Clock::System;
         // Provider clock 10 minutes fast: its expiry is later than ours, ours wins.
         let fast = datetime!(2026-11-23 13:10:00 UTC);
-        assert_eq!(resolve_expiry(Some(fast), sent, hour, None, &clock), sent + hour);
+        assert_eq!(
+            resolve_expiry(Some(fast), sent, hour, None, &clock),
+            sent + hour
+        );
         // Provider gave a shorter key than asked: theirs wins.
         let short = datetime!(2026-11-23 12:30:00 UTC);
         assert_eq!(resolve_expiry(Some(short), sent, hour, None, &clock), short);
@@ -240,19 +264,4 @@ mod tests {
             datetime!(2026-11-23 18:00:00 UTC)
         );
     }
-}
-
-/// Builds the provider a profile configures.
-pub fn from_config(
-    profile: &crate::config::ProfileConfig,
-    clock: &Clock,
-) -> Result<std::sync::Arc<dyn Provider>, http::TlsSetupError> {
-    use crate::config::ProviderCredentials;
-    Ok(match &profile.credentials {
-        ProviderCredentials::Coreweave { token } => {
-            let client = http::HttpClient::new(profile.ca_file.as_deref(), http::DEFAULT_CALL_TIMEOUT)?;
-            std::sync::Arc::new(coreweave::CoreWeave::new(client, &profile.endpoint, token.clone(), clock.clone()))
-        }
-        ProviderCredentials::Dev => std::sync::Arc::new(dev::Dev::new(clock.clone())),
-    })
 }

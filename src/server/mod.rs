@@ -66,7 +66,10 @@ fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
     let mut resp = Response::new(Full::new(body));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
@@ -87,7 +90,8 @@ pub async fn handle(app: &App, peer: Peer, req: &Request<Incoming>) -> Response<
             "method_not_allowed",
             &format!("{} is not supported; use GET", req.method()),
         );
-        resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return resp;
     }
     let path = req.uri().path();
@@ -141,9 +145,12 @@ async fn credentials(app: &App, peer: Peer, profile: &str) -> Response<Body> {
         Ok(key) => json_response(StatusCode::OK, key.process_json.clone()),
         Err(ServeError::UnknownProfile(_)) => unreachable!("checked above"),
         Err(ServeError::Unavailable(u)) => {
-            let mut resp = error_response(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &u.message);
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(u.retry_after.as_secs().max(1)));
+            let mut resp =
+                error_response(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &u.message);
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(u.retry_after.as_secs().max(1)),
+            );
             resp
         }
     }
@@ -173,7 +180,12 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves `listener` until `stop` fires, then stops accepting and drains open connections for
 /// at most `drain`.
-pub async fn serve(listener: UnixListener, app: Arc<App>, stop: CancellationToken, drain: Duration) {
+pub async fn serve(
+    listener: UnixListener,
+    app: Arc<App>,
+    stop: CancellationToken,
+    drain: Duration,
+) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -193,7 +205,10 @@ pub async fn serve(listener: UnixListener, app: Arc<App>, stop: CancellationToke
             },
         };
         let peer = match stream.peer_cred() {
-            Ok(c) => Peer { uid: c.uid(), gid: c.gid() },
+            Ok(c) => Peer {
+                uid: c.uid(),
+                gid: c.gid(),
+            },
             Err(e) => {
                 tracing::warn!(error = %e, "no peer credentials; closing the connection");
                 continue;
@@ -219,7 +234,13 @@ pub async fn serve(listener: UnixListener, app: Arc<App>, stop: CancellationToke
         });
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
-        tracing::warn!("connections still open after {}s; closing them", drain.as_secs());
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "connections still open after {}s; closing them",
+            drain.as_secs()
+        );
     }
 }

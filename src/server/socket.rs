@@ -15,7 +15,9 @@ const BACKLOG: i32 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
     /// A live daemon answers on the path.
-    #[error("another keybroker is already serving on {0}; stop it first, or pick another socket path")]
+    #[error(
+        "another keybroker is already serving on {0}; stop it first, or pick another socket path"
+    )]
     InUse(PathBuf),
     /// Something that is not a socket sits at the path.
     #[error("{0} exists and is not a socket; refusing to replace it")]
@@ -72,7 +74,10 @@ fn io_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> B
 /// Binds the socket at `path` with `mode` and optional `group`. A socket file left by a dead
 /// daemon is replaced; a live daemon's is not.
 pub fn bind_socket(path: &Path, mode: u32, group: Option<u32>) -> Result<BoundSocket, BindError> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     prepare_dir(dir, mode)?;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
@@ -80,7 +85,8 @@ pub fn bind_socket(path: &Path, mode: u32, group: Option<u32>) -> Result<BoundSo
                 Ok(_) => return Err(BindError::InUse(path.to_path_buf())),
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                     tracing::info!(path = %path.display(), "replacing a stale socket left by a stopped daemon");
-                    std::fs::remove_file(path).map_err(io_err(path, "removing the stale socket"))?;
+                    std::fs::remove_file(path)
+                        .map_err(io_err(path, "removing the stale socket"))?;
                 }
                 Err(e) => return Err(io_err(path, "checking the existing socket")(e)),
             }
@@ -90,17 +96,30 @@ pub fn bind_socket(path: &Path, mode: u32, group: Option<u32>) -> Result<BoundSo
         Err(e) => return Err(io_err(path, "inspecting the path")(e)),
     }
 
-    let tmp = dir.join(format!(".{}.{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("keybroker.sock"), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("keybroker.sock"),
+        std::process::id()
+    ));
     let _ = std::fs::remove_file(&tmp);
-    let fd = rustix::net::socket_with(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK, None)
-        .map_err(|e| io_err(path, "creating the socket")(e.into()))?;
-    let addr = SocketAddrUnix::new(&tmp).map_err(|e| io_err(path, "socket path too long")(e.into()))?;
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )
+    .map_err(|e| io_err(path, "creating the socket")(e.into()))?;
+    let addr =
+        SocketAddrUnix::new(&tmp).map_err(|e| io_err(path, "socket path too long")(e.into()))?;
     let result = (|| {
         rustix::net::bind(&fd, &addr).map_err(|e| io_err(path, "binding")(e.into()))?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
             .map_err(io_err(path, "setting socket_mode"))?;
         if let Some(gid) = group {
-            std::os::unix::fs::chown(&tmp, None, Some(gid)).map_err(io_err(path, "setting socket_group"))?;
+            std::os::unix::fs::chown(&tmp, None, Some(gid))
+                .map_err(io_err(path, "setting socket_group"))?;
         }
         rustix::net::listen(&fd, BACKLOG).map_err(|e| io_err(path, "listening")(e.into()))?;
         std::fs::rename(&tmp, path).map_err(io_err(path, "moving the socket into place"))?;
@@ -110,9 +129,10 @@ pub fn bind_socket(path: &Path, mode: u32, group: Option<u32>) -> Result<BoundSo
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    let meta = std::fs::symlink_metadata(path).map_err(io_err(path, "inspecting the new socket"))?;
+    let meta =
+        std::fs::symlink_metadata(path).map_err(io_err(path, "inspecting the new socket"))?;
     Ok(BoundSocket {
-        listener: std::os::unix::net::UnixListener::from(std::os::fd::OwnedFd::from(fd)),
+        listener: std::os::unix::net::UnixListener::from(fd),
         path: path.to_path_buf(),
         inode: (meta.dev(), meta.ino()),
     })
@@ -126,13 +146,19 @@ fn prepare_dir(dir: &Path, socket_mode: u32) -> Result<(), BindError> {
     match std::fs::metadata(dir) {
         Ok(meta) => {
             if !meta.is_dir() {
-                return Err(BindError::UnsafeDir { path: dir.to_path_buf(), why: "not a directory".into() });
+                return Err(BindError::UnsafeDir {
+                    path: dir.to_path_buf(),
+                    why: "not a directory".into(),
+                });
             }
             let world_writable_sticky = meta.mode() & 0o1002 == 0o1002;
             if !world_writable_sticky && meta.mode() & 0o022 != 0 && meta.uid() != 0 {
                 return Err(BindError::UnsafeDir {
                     path: dir.to_path_buf(),
-                    why: format!("writable by group or others (mode {:04o}); chmod go-w it", meta.mode() & 0o7777),
+                    why: format!(
+                        "writable by group or others (mode {:04o}); chmod go-w it",
+                        meta.mode() & 0o7777
+                    ),
                 });
             }
             if dir.starts_with("/tmp") && dir != Path::new("/tmp") && meta.uid() != uid {
@@ -145,7 +171,11 @@ fn prepare_dir(dir: &Path, socket_mode: u32) -> Result<(), BindError> {
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             std::fs::create_dir_all(dir).map_err(io_err(dir, "creating the socket directory"))?;
-            let dir_mode = if socket_mode & 0o077 == 0 { 0o700 } else { 0o755 };
+            let dir_mode = if socket_mode & 0o077 == 0 {
+                0o700
+            } else {
+                0o755
+            };
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode))
                 .map_err(io_err(dir, "setting the socket directory's mode"))?;
             Ok(())

@@ -1,1 +1,7 @@
+//! keybroker's integration tests: one binary (STYLE.md 11), modules by subject.
 
+mod broker_time;
+mod config_errors;
+mod daemon;
+mod fake_cloud;
+mod harness;

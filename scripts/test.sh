@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on a fresh machine: makes the Python virtualenv the end-to-end
+# tests use (cached in .venv between runs), then checks formatting, lints and runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv=.venv
+requirements=tests/requirements.txt
+stamp="$venv/.installed-$(sha256sum "$requirements" | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  echo "==> creating $venv with $(tr '\n' ' ' < "$requirements")"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
+  touch "$stamp"
+fi
+export KEYBROKER_TEST_PYTHON="$PWD/$venv/bin/python"
+
+echo "==> cargo fmt --check"
+cargo fmt --all --check
+echo "==> cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+echo "==> cargo test"
+cargo test --locked

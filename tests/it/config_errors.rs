@@ -1,0 +1,232 @@
+//! Every config mistake of DESIGN.md §3 gives its own message with line and column, through
+//! the real binary, and `serve` exits 64 before binding anything.
+
+use std::os::unix::fs::PermissionsExt;
+
+use crate::harness::Env;
+
+/// (what, config text, expected line:col, expected message fragment)
+fn cases(token: &str) -> Vec<(&'static str, String, &'static str, &'static str)> {
+    let cw = |extra: &str| {
+        format!("[profiles.train]\nprovider = \"coreweave\"\ntoken_file = \"{token}\"\n{extra}")
+    };
+    vec![
+        (
+            "lifetime <= renew_before",
+            cw("lifetime = \"1h\"\nrenew_before = \"1h\"\n"),
+            "5:16",
+            "renew_before (1h) must be less than lifetime (1h)",
+        ),
+        (
+            "renew_before <= min_remaining",
+            cw("renew_before = \"20m\"\nmin_remaining = \"25m\"\n"),
+            "5:17",
+            "min_remaining (25m) must be less than renew_before (20m)",
+        ),
+        (
+            "short min_remaining",
+            cw("min_remaining = \"10m\"\n"),
+            "4:17",
+            "min_remaining (10m) is under 16m",
+        ),
+        (
+            "lifetime above the provider maximum",
+            cw("lifetime = \"13h\"\nrenew_before = \"1h\"\n"),
+            "4:12",
+            "lifetime (13h) exceeds coreweave's maximum of 12h",
+        ),
+        (
+            "zero lifetime",
+            cw("lifetime = \"0s\"\n"),
+            "4:12",
+            "lifetime must be greater than zero",
+        ),
+        (
+            "plain http off loopback",
+            cw("endpoint = \"http://api.coreweave.com\"\n"),
+            "4:12",
+            "plain http to a host that is not loopback",
+        ),
+        (
+            "bad profile name",
+            "[profiles.\"my profile\"]\nprovider = \"dev\"\n".to_string(),
+            "1:11",
+            "profile name \"my profile\" may contain only",
+        ),
+        (
+            "unknown key",
+            cw("lifetme = \"1h\"\n"),
+            "4:1",
+            "unknown key `lifetme`",
+        ),
+        (
+            "bad duration",
+            cw("lifetime = \"an hour\"\n"),
+            "4:12",
+            "lifetime \"an hour\" is not a duration",
+        ),
+        (
+            "unknown provider",
+            "[profiles.a]\nprovider = \"s3\"\n".to_string(),
+            "2:12",
+            "unknown variant `s3`",
+        ),
+        (
+            "missing token_file",
+            "[profiles.a]\nprovider = \"coreweave\"\n".to_string(),
+            "1:1",
+            "provider coreweave needs token_file",
+        ),
+        (
+            "key of another provider",
+            "[profiles.a]\nprovider = \"dev\"\ntoken_file = \"/x\"\n".to_string(),
+            "3:14",
+            "token_file does not apply to provider dev",
+        ),
+        (
+            "bad socket_mode",
+            "[server]\nsocket_mode = \"rw\"\n[profiles.a]\nprovider = \"dev\"\n".to_string(),
+            "2:15",
+            "socket_mode \"rw\" is not an octal file mode",
+        ),
+        (
+            "container listen off loopback",
+            "[server.container]\nlisten = \"0.0.0.0:9911\"\n[profiles.a]\nprovider = \"dev\"\n"
+                .to_string(),
+            "2:10",
+            "is not a loopback address",
+        ),
+        (
+            "toml syntax",
+            "[profiles.a]\nprovider = dev\n".to_string(),
+            "2:12",
+            "string values must be quoted",
+        ),
+    ]
+}
+
+#[test]
+fn each_mistake_has_its_own_located_message() {
+    let env = Env::new();
+    let token = env.secret_file("token", "secret-token\n");
+    let token = token.to_str().unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for (what, text, at, fragment) in cases(token) {
+        let path = env.config(&text);
+        let (code, stdout, stderr) = env.run(&["check-config", "--config", path.to_str().unwrap()]);
+        assert_eq!(code, 64, "{what}: exit code; stderr: {stderr}");
+        assert!(stdout.is_empty(), "{what}: stdout {stdout:?}");
+        let prefix = format!("keybroker: config {}:{at}: ", path.display());
+        assert!(
+            stderr.starts_with(&prefix),
+            "{what}: expected {prefix:?}, got {stderr:?}"
+        );
+        assert!(
+            stderr.contains(fragment),
+            "{what}: expected {fragment:?} in {stderr:?}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "{what}: one line: {stderr:?}");
+        assert!(!stderr.contains("secret-token"), "{what}: the token leaked");
+        assert!(
+            seen.insert(
+                stderr
+                    .split_once(": ")
+                    .unwrap()
+                    .1
+                    .split_once(": ")
+                    .unwrap()
+                    .1
+                    .to_string()
+            ),
+            "{what}: message not distinct"
+        );
+    }
+}
+
+#[test]
+fn secret_files_open_to_group_or_others_are_refused() {
+    let env = Env::new();
+    let token = env.secret_file("token", "secret-token\n");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let path = env.config(&format!(
+        "[profiles.a]\nprovider = \"coreweave\"\ntoken_file = \"{}\"\n",
+        token.display()
+    ));
+    let (code, _, stderr) = env.run(&["check-config", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 64);
+    assert!(
+        stderr.contains(":3:14: ")
+            && stderr.contains("readable by group or others (mode 0640)")
+            && stderr.contains("chmod 600"),
+        "{stderr}"
+    );
+    // Without a '/', the name is a systemd credential in $CREDENTIALS_DIRECTORY.
+    let path = env.config("[profiles.a]\nprovider = \"coreweave\"\ntoken_file = \"cw-token\"\n");
+    let (code, _, stderr) = env.run(&["check-config", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 64);
+    assert!(
+        stderr.contains("$CREDENTIALS_DIRECTORY is not set"),
+        "{stderr}"
+    );
+    env.secret_file("cw-token", "tok");
+    let out = env
+        .command(&["check-config", "--config", path.to_str().unwrap()])
+        .env("CREDENTIALS_DIRECTORY", env.dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn serve_with_a_bad_config_exits_64_and_binds_nothing() {
+    let env = Env::new();
+    let path = env.config("[profiles.a]\nprovider = \"dev\"\nlifetime = \"0s\"\n");
+    let (code, _, stderr) = env.run(&["serve", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(stderr.contains(":3:12: "), "{stderr}");
+    assert!(!env.socket().exists() && !env.socket().parent().unwrap().exists());
+    let (code, _, stderr) = env.run(&[
+        "serve",
+        "--config",
+        env.path("missing.toml").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 64);
+    assert!(stderr.contains("cannot read the config file"), "{stderr}");
+    let (code, _, _) = env.run(&["serve", "--bogus-flag"]);
+    assert_eq!(code, 64);
+}
+
+#[test]
+fn a_valid_config_checks_ok() {
+    let env = Env::new();
+    let token = env.secret_file("token", "t");
+    let path = env.config(&format!(
+        "[server]\nsocket_mode = \"0660\"\nshutdown_timeout = \"5s\"\n[profiles.a]\nprovider = \"coreweave\"\ntoken_file = \"{}\"\nlifetime = \"2h\"\nrenew_before = \"1h\"\nmin_remaining = \"30m\"\nallow_uids = [1000]\n[profiles.b]\nprovider = \"dev\"\n",
+        token.display()
+    ));
+    let (code, stdout, stderr) = env.run(&["check-config", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("ok (2 profiles: a, b)"), "{stdout}");
+}
+
+/// The example config in the repository is valid once its token file exists.
+#[test]
+fn the_example_config_is_valid() {
+    let env = Env::new();
+    env.secret_file("coreweave-token", "t");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/keybroker.example.toml");
+    let out = env
+        .command(&["check-config", "--config", example])
+        .env("CREDENTIALS_DIRECTORY", env.dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

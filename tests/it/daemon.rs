@@ -1,0 +1,428 @@
+//! The real binary against the fake cloud over loopback: what users and operators see.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keybroker::clock::Clock;
+use rustix::process::Signal;
+use time::OffsetDateTime;
+
+use crate::fake_cloud::{FakeCloud, Faults};
+use crate::harness::{coreweave_profile, get, key_id, Daemon, Env};
+
+/// Starts the fake on loopback and a daemon with `profiles` (name, extra TOML) against it.
+async fn setup(
+    server: &str,
+    profiles: &[(&str, &str)],
+    rust_log: &str,
+) -> (Env, Arc<FakeCloud>, Daemon) {
+    let fake = FakeCloud::new(Clock::System);
+    let url = fake.serve().await;
+    let env = Env::new();
+    let token = env.secret_file("cw-token", fake.token());
+    let mut text = format!("[server]\n{server}\n");
+    for (name, extra) in profiles {
+        text.push_str(&coreweave_profile(name, &url, &token, extra));
+    }
+    let config = env.config(&text);
+    let daemon = tokio::task::block_in_place(|| env.serve(&config, rust_log));
+    (env, fake, daemon)
+}
+
+async fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn stop(daemon: &mut Daemon, limit: Duration) -> (std::process::ExitStatus, Duration) {
+    tokio::task::block_in_place(|| daemon.stop(limit))
+}
+
+fn python() -> PathBuf {
+    std::env::var_os("KEYBROKER_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python")))
+}
+
+/// botocore, configured with `credential_process`, accepts what the client prints, and the key
+/// it resolves has at least `min_remaining` left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn botocore_accepts_credential_process_output() {
+    let (env, fake, mut daemon) = setup("", &[("train", "")], "info").await;
+
+    let (code, stdout, stderr) = env.run(&["credential-process", "--profile", "train"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.is_empty(),
+        "nothing on stderr on success: {stderr:?}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is only JSON");
+    assert_eq!(v["Version"], 1);
+    assert!(
+        v.get("SessionToken").is_none(),
+        "no SessionToken when the provider gives none"
+    );
+    let expiration = v["Expiration"].as_str().unwrap();
+    assert!(
+        expiration.ends_with('Z') && expiration.len() == 20,
+        "{expiration}"
+    );
+
+    let aws_config = env.path("aws-config");
+    std::fs::write(
+        &aws_config,
+        format!(
+            "[profile kb]\ncredential_process = {} credential-process --profile train --socket {}\n",
+            crate::harness::BIN,
+            daemon.socket.display()
+        ),
+    )
+    .unwrap();
+    let script = r#"
+import botocore.session, datetime, json
+s = botocore.session.Session(profile="kb")
+c = s.get_credentials()
+f = c.get_frozen_credentials()
+left = (c._expiry_time - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+print(json.dumps({"method": c.method, "key": f.access_key, "secret_len": len(f.secret_key), "left": left}))
+"#;
+    let out = std::process::Command::new(python())
+        .args(["-c", script])
+        .env("AWS_CONFIG_FILE", &aws_config)
+        .env("AWS_SHARED_CREDENTIALS_FILE", env.path("no-credentials"))
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "running {}: {e}; run ./scripts/test.sh to create the venv",
+                python().display()
+            )
+        });
+    assert!(
+        out.status.success(),
+        "botocore failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["method"], "custom-process");
+    let live = fake.live();
+    assert_eq!(live.len(), 1);
+    assert_eq!(seen["key"], live[0].id.as_str());
+    assert_eq!(seen["secret_len"], live[0].secret.len());
+    let left = seen["left"].as_f64().unwrap();
+    assert!(left >= 20.0 * 60.0, "botocore sees only {left}s left");
+
+    let (status, _) = stop(&mut daemon, Duration::from_secs(25));
+    assert!(status.success());
+    assert!(fake.live().is_empty());
+}
+
+/// 500 concurrent requests on a cold profile share one mint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_burst_of_500_requests_mints_once() {
+    let (_env, fake, mut daemon) = setup("", &[("cold", "prewarm = false")], "info").await;
+    fake.set_faults(Faults {
+        create_latency: Duration::from_millis(500),
+        ..Faults::default()
+    });
+    assert_eq!(
+        fake.calls("create"),
+        0,
+        "prewarm = false mints nothing at start"
+    );
+    let socket = daemon.socket.clone();
+    let tasks: Vec<_> = (0..500)
+        .map(|_| {
+            let socket = socket.clone();
+            tokio::spawn(async move { get(&socket, "/v1/credentials/cold").await })
+        })
+        .collect();
+    let mut ids = std::collections::HashSet::new();
+    for t in tasks {
+        let (status, headers, body) = t.await.unwrap();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        assert_eq!(headers["cache-control"], "no-store");
+        ids.insert(key_id(&body));
+    }
+    assert_eq!(fake.calls("create"), 1, "exactly one mint for the burst");
+    assert_eq!(ids.len(), 1);
+    let (status, _) = stop(&mut daemon, Duration::from_secs(25));
+    assert!(status.success());
+    assert!(fake.live().is_empty());
+}
+
+/// SIGTERM with keys in three profiles: every key revoked, socket removed, exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_revokes_every_key_and_exits_0() {
+    let (env, fake, mut daemon) = setup(
+        "shutdown_timeout = \"10s\"",
+        &[("a", ""), ("b", ""), ("c", "")],
+        "info",
+    )
+    .await;
+    wait_until("three prewarmed keys", Duration::from_secs(10), || {
+        fake.live().len() == 3
+    })
+    .await;
+    let (status, elapsed) = stop(&mut daemon, Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0), "{}", daemon.logs());
+    assert!(elapsed < Duration::from_secs(10));
+    assert!(
+        fake.live().is_empty(),
+        "alive after stop: {:?}",
+        fake.live()
+    );
+    assert_eq!(fake.calls("revoke"), 3);
+    assert!(!env.socket().exists(), "socket removed at stop");
+    let logs = daemon.logs();
+    assert!(
+        logs.contains("revoked key at stop") && logs.contains("stopped"),
+        "{logs}"
+    );
+}
+
+/// With revokes hanging, stop still ends within shutdown_timeout + 2 s, exits 1 and names
+/// every key left alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_hanging_provider_is_bounded_and_exits_1() {
+    let (_env, fake, mut daemon) = setup(
+        "shutdown_timeout = \"3s\"",
+        &[("a", ""), ("b", ""), ("c", "")],
+        "info",
+    )
+    .await;
+    wait_until("three prewarmed keys", Duration::from_secs(10), || {
+        fake.live().len() == 3
+    })
+    .await;
+    fake.set_faults(Faults {
+        hang_revokes: true,
+        ..Faults::default()
+    });
+    let (status, elapsed) = stop(&mut daemon, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1), "{}", daemon.logs());
+    assert!(elapsed <= Duration::from_secs(5), "took {elapsed:?}");
+    let logs = daemon.logs();
+    // The keys stay alive at the (hung) fake; the last log line names each of them.
+    let last = logs.lines().last().unwrap();
+    assert!(last.contains("3 keys left unrevoked"), "{last}");
+    for key in fake.live() {
+        assert!(last.contains(&key.id), "{} not named in {last}", key.id);
+    }
+}
+
+/// Provider down at start: 503 with Retry-After and a clear message; when it comes back the
+/// next request succeeds, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_down_at_start_then_back() {
+    let fake = FakeCloud::new(Clock::System);
+    fake.set_faults(Faults {
+        create_status: Some((503, "object storage API unavailable".into())),
+        ..Faults::default()
+    });
+    let url = fake.serve().await;
+    let env = Env::new();
+    let token = env.secret_file("cw-token", fake.token());
+    let config = env.config(&coreweave_profile("train", &url, &token, ""));
+    let mut daemon = tokio::task::block_in_place(|| env.serve(&config, "info"));
+    wait_until("the prewarm attempt", Duration::from_secs(5), || {
+        fake.calls("create") >= 1
+    })
+    .await;
+
+    let (status, headers, body) = get(&daemon.socket, "/v1/credentials/train").await;
+    assert_eq!(status, 503);
+    let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry_after));
+    let err: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(err["error"]["code"], "unavailable");
+    let (code, stdout, stderr) =
+        tokio::task::block_in_place(|| env.run(&["credential-process", "--profile", "train"]));
+    assert_eq!(code, 1);
+    assert!(stdout.is_empty());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("keybroker: profile train: no valid key right now:")
+            && stderr.contains("HTTP 503")
+            && stderr.contains("object storage API unavailable")
+            && stderr.contains("retry in"),
+        "{stderr}"
+    );
+
+    fake.set_faults(Faults::default());
+    tokio::time::sleep(Duration::from_secs(retry_after)).await;
+    let (code, stdout, stderr) =
+        tokio::task::block_in_place(|| env.run(&["credential-process", "--profile", "train"]));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(key_id(stdout.as_bytes()), fake.live()[0].id);
+
+    let (status, _) = stop(&mut daemon, Duration::from_secs(25));
+    assert!(status.success());
+    assert!(fake.live().is_empty());
+}
+
+/// Nothing secret in any log line at trace level, in client errors or in status, across mints,
+/// renewals, serving and revocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_logs_errors_or_status() {
+    let short =
+        "lifetime = \"8s\"\nrenew_before = \"5s\"\nmin_remaining = \"3s\"\nallow_short_keys = true";
+    let (env, fake, mut daemon) = setup("", &[("a", short), ("b", "")], "trace").await;
+    let mut outputs = String::new();
+    let deadline = Instant::now() + Duration::from_secs(7);
+    while Instant::now() < deadline {
+        let (code, stdout, stderr) =
+            tokio::task::block_in_place(|| env.run(&["credential-process", "--profile", "a"]));
+        assert_eq!(code, 0, "{stderr}");
+        outputs.push_str(&stderr);
+        let _ = stdout;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    let (_, status_table, e1) = env.run(&["status"]);
+    let (_, status_json, e2) = env.run(&["status", "--json"]);
+    let (_, _, e3) = env.run(&["credential-process", "--profile", "nope"]);
+    outputs.extend([status_table.as_str(), status_json.as_str(), &e1, &e2, &e3]);
+    let (status, _) = stop(&mut daemon, Duration::from_secs(25));
+    assert!(status.success());
+    assert!(fake.live().is_empty());
+
+    let logs = daemon.logs();
+    assert!(
+        logs.contains("TRACE") && logs.matches("minted key").count() >= 3,
+        "trace logs were captured and saw renewals: {logs}"
+    );
+    assert!(fake.keys().len() >= 3, "renewals happened");
+    for secret in fake.secrets() {
+        assert!(!logs.contains(&secret), "a secret reached the daemon log");
+        assert!(
+            !outputs.contains(&secret),
+            "a secret reached client output or status"
+        );
+    }
+    assert!(
+        status_table.contains("a ") && status_json.contains("\"state\""),
+        "{status_table}{status_json}"
+    );
+}
+
+/// A live daemon's socket is never taken over; a dead one's is.
+#[test]
+fn a_live_socket_is_refused_and_a_stale_one_replaced() {
+    let env = Env::new();
+    let config = env.config("[profiles.d]\nprovider = \"dev\"\n");
+    let first = env.serve(&config, "info");
+    let (code, _, stderr) = env.run(&["serve", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("another keybroker is already serving on"),
+        "{stderr}"
+    );
+    assert!(
+        env.run(&["credential-process", "--profile", "d"]).0 == 0,
+        "the first daemon still serves"
+    );
+
+    first.signal(Signal::KILL);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(env.socket().exists(), "kill -9 leaves the socket file");
+    let mut second = env.serve(&config, "info");
+    assert!(second.logs().contains("replacing a stale socket"));
+    assert_eq!(env.run(&["credential-process", "--profile", "d"]).0, 0);
+    assert!(second.stop(Duration::from_secs(25)).0.success());
+}
+
+/// Client failures: exit 1, nothing on stdout, one line on stderr saying what to do.
+#[test]
+fn client_failures_are_one_actionable_line() {
+    let env = Env::new();
+    let (code, stdout, stderr) = env.run(&["credential-process", "--profile", "x"]);
+    assert_eq!((code, stdout.as_str()), (1, ""));
+    assert_eq!(stderr.lines().count(), 1);
+    assert!(
+        stderr.contains("no keybroker socket at") && stderr.contains("keybroker serve"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = env.run(&["credential-process"]);
+    assert_eq!(code, 1, "{stderr}");
+
+    let config = env.config("[profiles.d]\nprovider = \"dev\"\n");
+    let mut daemon = env.serve(&config, "info");
+    let (code, stdout, stderr) = env.run(&["credential-process", "--profile", "nope"]);
+    assert_eq!((code, stdout.as_str()), (1, ""));
+    assert!(
+        stderr.contains("profile nope: no profile named \"nope\"")
+            && stderr.contains("check --profile"),
+        "{stderr}"
+    );
+    let (code, stdout, _) = env.run(&["status"]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.starts_with("PROFILE") && stdout.contains("ready"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.lines().all(|l| l.chars().count() <= 80),
+        "status fits 80 columns:\n{stdout}"
+    );
+    assert!(daemon.stop(Duration::from_secs(25)).0.success());
+
+    // A daemon that accepts but never answers: the client gives up after 5 s.
+    let listener = std::os::unix::net::UnixListener::bind(env.socket()).unwrap();
+    let start = Instant::now();
+    let (code, _, stderr) = env.run(&["credential-process", "--profile", "d"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("did not answer within 5s"), "{stderr}");
+    assert!(start.elapsed() < Duration::from_secs(7));
+    drop(listener);
+}
+
+/// `serve --dev` needs no config: it prints where it listens and what to paste, serves keys
+/// with real expiry, and revokes them at stop.
+#[test]
+fn dev_mode_serves_without_a_config() {
+    let env = Env::new();
+    let child = env
+        .command(&["serve", "--dev"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        let (code, out, _) = env.run(&["credential-process", "--profile", "dev"]);
+        if code == 0 {
+            break out;
+        }
+        assert!(Instant::now() < deadline, "dev daemon never served");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let expiration = OffsetDateTime::parse(
+        v["Expiration"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert!(expiration - OffsetDateTime::now_utc() > time::Duration::minutes(55));
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        Signal::TERM,
+    )
+    .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success());
+    let banner = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        banner.contains(&env.socket().display().to_string()),
+        "{banner}"
+    );
+    assert!(
+        banner.contains("credential_process = ")
+            && banner.contains("credential-process --profile dev"),
+        "{banner}"
+    );
+    assert!(!env.socket().exists());
+}

@@ -1,0 +1,195 @@
+//! Running the real `keybroker` binary in a temp dir, and talking to its socket.
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use tempfile::TempDir;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_keybroker");
+
+/// A temp dir holding a config, a token file and the socket.
+pub struct Env {
+    pub dir: TempDir,
+}
+
+impl Env {
+    pub fn new() -> Self {
+        Env {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.path("run/keybroker.sock")
+    }
+
+    /// Writes a private file (mode 0600).
+    pub fn secret_file(&self, name: &str, content: &str) -> PathBuf {
+        let p = self.path(name);
+        std::fs::write(&p, content).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    }
+
+    pub fn config(&self, toml: &str) -> PathBuf {
+        let p = self.path("keybroker.toml");
+        std::fs::write(&p, toml).unwrap();
+        p
+    }
+
+    /// A command for the binary with this env's socket and a clean environment.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("KEYBROKER_SOCKET", self.socket())
+            .env("HOME", self.dir.path())
+            .current_dir(self.dir.path());
+        c
+    }
+
+    /// Runs the binary to completion: (exit code, stdout, stderr).
+    pub fn run(&self, args: &[&str]) -> (i32, String, String) {
+        let out = self.command(args).output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Starts `serve --config` with stderr captured to a file, and waits until it answers.
+    pub fn serve(&self, config: &Path, rust_log: &str) -> Daemon {
+        let log = self.path("daemon.log");
+        let child = self
+            .command(&["serve", "--config", config.to_str().unwrap()])
+            .env("RUST_LOG", rust_log)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut d = Daemon {
+            child: Some(child),
+            log,
+            socket: self.socket(),
+        };
+        d.wait_ready();
+        d
+    }
+}
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub log: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl Daemon {
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(a) = keybroker::client::get(&self.socket, "/healthz", Duration::from_secs(1))
+            {
+                if a.status == 200 {
+                    return;
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited early with {status}: {}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("daemon not ready after 20s: {}", self.logs());
+    }
+
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            f.read_to_string(&mut s).unwrap();
+        }
+        s
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        rustix::process::kill_process(rustix::process::Pid::from_raw(self.pid()).unwrap(), signal)
+            .unwrap();
+    }
+
+    /// Sends SIGTERM and waits for the exit: (status, time from signal to exit).
+    pub fn stop(&mut self, limit: Duration) -> (ExitStatus, Duration) {
+        let start = Instant::now();
+        self.signal(rustix::process::Signal::TERM);
+        let mut child = self.child.take().unwrap();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return (status, start.elapsed());
+            }
+            if start.elapsed() > limit {
+                let _ = child.kill();
+                panic!(
+                    "daemon still running {limit:?} after SIGTERM: {}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One GET over the Unix socket with hyper: (status, headers, body).
+pub async fn get(socket: &Path, path: &str) -> (u16, http::HeaderMap, Bytes) {
+    let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header("host", "keybroker")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    (
+        parts.status.as_u16(),
+        parts.headers,
+        body.collect().await.unwrap().to_bytes(),
+    )
+}
+
+/// The `AccessKeyId` of a credential_process body.
+pub fn key_id(body: &[u8]) -> String {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+    v["AccessKeyId"].as_str().unwrap().to_string()
+}
+
+/// A CoreWeave profile against the fake at `endpoint`.
+pub fn coreweave_profile(name: &str, endpoint: &str, token_file: &Path, extra: &str) -> String {
+    format!(
+        "[profiles.{name}]\nprovider = \"coreweave\"\nendpoint = \"{endpoint}\"\ntoken_file = \"{}\"\n{extra}\n",
+        token_file.display()
+    )
+}
