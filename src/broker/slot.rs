@@ -361,7 +361,7 @@ impl Slot {
                 break;
             }
             let now = self.clock.now();
-            self.revoke_due(now).await;
+            self.revoke_due(now, &cancel).await;
             let (mint_now, wake_at) = self.plan(now);
             if mint_now {
                 self.mint_once().await;
@@ -521,8 +521,9 @@ impl Slot {
         self.attempts.send_modify(|n| *n += 1);
     }
 
-    /// Revokes retired keys whose time has come; failures are retried with backoff.
-    async fn revoke_due(&self, now: OffsetDateTime) {
+    /// Revokes retired keys whose time has come; failures are retried with backoff. A revoke
+    /// still pending when `cancel` fires hands its key back to the slot, where stop finds it.
+    async fn revoke_due(&self, now: OffsetDateTime, cancel: &CancellationToken) {
         let due: Vec<Retired> = {
             let mut st = self.lock();
             let (due, keep) = std::mem::take(&mut st.retired)
@@ -531,8 +532,18 @@ impl Slot {
             st.retired = keep;
             due
         };
-        for mut r in due {
-            match self.provider.revoke(&r.key.handle).await {
+        let mut due = due.into_iter();
+        while let Some(mut r) = due.next() {
+            let outcome = tokio::select! {
+                outcome = self.provider.revoke(&r.key.handle) => outcome,
+                _ = cancel.cancelled() => {
+                    let mut st = self.lock();
+                    st.retired.push(r);
+                    st.retired.extend(due);
+                    return;
+                }
+            };
+            match outcome {
                 Ok(()) => {
                     self.counters.revokes.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(profile = %self.name, key_id = %r.key.handle.access_key_id, "revoked retired key");

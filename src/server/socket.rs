@@ -52,6 +52,12 @@ pub struct BoundSocket {
     inode: (u64, u64),
 }
 
+impl Drop for BoundSocket {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
 impl BoundSocket {
     /// Removes the socket file, unless something else has replaced it since.
     pub fn remove(&self) {
