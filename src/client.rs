@@ -152,7 +152,7 @@ pub fn credential_process(socket: &Path, profile: &str) -> Result<Vec<u8>, Strin
         403 => Err(format!("profile {profile}: access denied: {message}")),
         404 => Err(format!("profile {profile}: {message}; check --profile against the daemon's config (keybroker status lists profiles)")),
         503 => Err(format!(
-            "profile {profile}: no valid key right now: {message}; retry in {}s, and see keybroker status",
+            "{message}; retry in {}s (keybroker status shows every profile)",
             answer.retry_after.unwrap_or(1)
         )),
         s => Err(format!("profile {profile}: the daemon answered HTTP {s}: {message}")),

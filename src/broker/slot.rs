@@ -262,7 +262,10 @@ impl Slot {
             if st.stopping {
                 return Err(Unavailable {
                     retry_after: Duration::from_secs(1),
-                    message: format!("profile {}: keybroker is stopping", self.name),
+                    message: format!(
+                        "profile {} has no valid key: keybroker is stopping",
+                        self.name
+                    ),
                 });
             }
             if !st.in_flight && now < st.request_floor {
@@ -318,12 +321,12 @@ impl Slot {
         let retry_after = positive(st.request_floor - now).max(Duration::from_secs(1));
         let message = match &st.last_error {
             Some((e, _)) => format!(
-                "profile {}: no valid key: the {} API failed: {e}",
+                "profile {} has no valid key: the {} API failed: {e}",
                 self.name,
                 self.provider.kind()
             ),
             None => format!(
-                "profile {}: no valid key yet: a mint is in progress",
+                "profile {} has no valid key yet: a mint is in progress",
                 self.name
             ),
         };

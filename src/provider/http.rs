@@ -159,7 +159,11 @@ impl HttpClient {
             Transport::Network(client) => {
                 let what = format!("{} {}", req.method(), req.uri().path());
                 let resp = client.request(req.map(Full::new)).await.map_err(|e| {
-                    ProviderError::Transient(format!("{what}: {}", error_chain(&e)))
+                    let mut chain = error_chain(&e);
+                    if chain.contains("certificate") {
+                        chain.push_str(" (if the API uses a private CA, set ca_file)");
+                    }
+                    ProviderError::Transient(format!("{what}: {chain}"))
                 })?;
                 let (parts, body) = resp.into_parts();
                 let body = http_body_util::Limited::new(body, MAX_BODY)

@@ -285,3 +285,54 @@ async fn unserveable_answers_are_errors_not_keys() {
         .await;
     assert!(fake.live().is_empty());
 }
+
+/// A wrong API token: a 401 is not retried in a loop, and the error names the profile and
+/// carries the provider's own message.
+#[tokio::test(start_paused = true)]
+async fn a_rejected_token_is_reported_without_a_retry_storm() {
+    let clock = Clock::tokio();
+    let fake = FakeCloud::new(clock.clone());
+    let http = HttpClient::in_process(fake.handler(), Duration::from_secs(10));
+    let provider = CoreWeave::new(
+        http,
+        "http://fake.invalid",
+        Secret::new("wrong-token"),
+        clock.clone(),
+    );
+    let broker = Broker::start(
+        vec![ProfileSpec {
+            name: "p".into(),
+            provider: Arc::new(provider),
+            policy: hour_policy(),
+            prewarm: true,
+            revoke_on_shutdown: true,
+        }],
+        clock.clone(),
+        Some(1),
+        DEFAULT_MINT_WAIT,
+    );
+    for _ in 0..100 {
+        match broker.get("p").await {
+            Err(ServeError::Unavailable(u)) => {
+                assert!(
+                    u.message.starts_with("profile p has no valid key: "),
+                    "{u:?}"
+                );
+                assert!(
+                    u.message.contains("HTTP 401")
+                        && u.message.contains("invalid API access token"),
+                    "{u:?}"
+                );
+            }
+            other => panic!("expected 503, got {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Ten simulated seconds of requests every 100 ms: a handful of attempts, not a hundred.
+    let attempts = fake.calls("unauthorized");
+    assert!((1..=3).contains(&attempts), "{attempts} attempts");
+    broker
+        .stop(tokio::time::Instant::now() + Duration::from_secs(20))
+        .await;
+    assert!(fake.live().is_empty());
+}

@@ -246,7 +246,7 @@ async fn provider_down_at_start_then_back() {
     assert!(stdout.is_empty());
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(
-        stderr.starts_with("keybroker: profile train: no valid key right now:")
+        stderr.starts_with("keybroker: profile train has no valid key: the coreweave API failed:")
             && stderr.contains("HTTP 503")
             && stderr.contains("object storage API unavailable")
             && stderr.contains("retry in"),
@@ -425,4 +425,49 @@ fn dev_mode_serves_without_a_config() {
         "{banner}"
     );
     assert!(!env.socket().exists());
+}
+
+/// Upstream HTTPS goes through rustls with `ca_file` as an extra trust root; without it the
+/// same self-signed endpoint is refused and the error says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstream_trusts_ca_file() {
+    let fake = FakeCloud::new(Clock::System);
+    let (url, ca_pem) = fake.serve_tls().await;
+    let env = Env::new();
+    let token = env.secret_file("cw-token", fake.token());
+    std::fs::write(env.path("ca.pem"), ca_pem).unwrap();
+    let config = env.config(&format!(
+        "[server]\nsocket_mode = \"0640\"\n{}{}",
+        coreweave_profile("tls", &url, &token, "ca_file = \"ca.pem\""),
+        coreweave_profile("untrusted", &url, &token, "prewarm = false"),
+    ));
+    let mut daemon = tokio::task::block_in_place(|| env.serve(&config, "info"));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&daemon.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o640, "socket_mode applied to the socket file");
+
+    let (code, stdout, stderr) =
+        tokio::task::block_in_place(|| env.run(&["credential-process", "--profile", "tls"]));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(key_id(stdout.as_bytes()), fake.live()[0].id);
+    let (code, _, stderr) =
+        tokio::task::block_in_place(|| env.run(&["credential-process", "--profile", "untrusted"]));
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("invalid peer certificate") && stderr.contains("set ca_file"),
+        "the TLS failure is named: {stderr}"
+    );
+    assert_eq!(
+        fake.calls("create"),
+        1,
+        "the untrusted profile never reached the API"
+    );
+
+    let (status, _) = stop(&mut daemon, Duration::from_secs(25));
+    assert!(status.success());
+    assert!(fake.live().is_empty());
 }

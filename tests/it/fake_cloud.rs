@@ -140,8 +140,30 @@ impl FakeCloud {
         })
     }
 
-    /// Serves the API on 127.0.0.1 and returns its base URL.
+    /// Serves the API over plain HTTP on 127.0.0.1 and returns its base URL.
     pub async fn serve(self: &Arc<Self>) -> String {
+        self.listen(None).await
+    }
+
+    /// Serves the API over HTTPS on 127.0.0.1 with a fresh self-signed certificate for
+    /// `localhost`; returns the base URL and the certificate's PEM (the client's `ca_file`).
+    pub async fn serve_tls(self: &Arc<Self>) -> (String, String) {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let pem = cert.cert.pem();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let url = self.listen(Some(acceptor)).await;
+        (url.replace("http://127.0.0.1", "https://localhost"), pem)
+    }
+
+    async fn listen(self: &Arc<Self>, tls: Option<tokio_rustls::TlsAcceptor>) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let me = Arc::clone(self);
@@ -151,6 +173,7 @@ impl FakeCloud {
                     continue;
                 };
                 let me = Arc::clone(&me);
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc =
                         hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -166,9 +189,21 @@ impl FakeCloud {
                                 Ok::<_, Infallible>(resp.map(Full::new))
                             }
                         });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                                .await;
+                        }
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = http
+                                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                                    .await;
+                            }
+                        }
+                    }
                 });
             }
         });
