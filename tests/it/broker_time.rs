@@ -24,6 +24,7 @@ fn hour_policy() -> RenewPolicy {
 
 fn broker_for(
     fake: &Arc<FakeCloud>,
+    token: &str,
     clock: &Clock,
     policy: RenewPolicy,
     prewarm: bool,
@@ -33,7 +34,7 @@ fn broker_for(
     let provider = CoreWeave::new(
         http,
         "http://fake.invalid",
-        Secret::new(fake.token()),
+        Secret::new(token),
         clock.clone(),
     );
     Broker::start(
@@ -62,7 +63,7 @@ async fn a_day_of_renewals_keeps_every_promise() {
         ..Faults::default()
     });
     let policy = hour_policy();
-    let broker = broker_for(&fake, &clock, policy, true, 7);
+    let broker = broker_for(&fake, fake.token(), &clock, policy, true, 7);
 
     let mut served_ids = Vec::new();
     let mut max_live = 0;
@@ -158,7 +159,7 @@ async fn degraded_then_unavailable_then_recovered() {
     let clock = Clock::tokio();
     let fake = FakeCloud::new(clock.clone());
     let policy = hour_policy();
-    let broker = broker_for(&fake, &clock, policy, true, 11);
+    let broker = broker_for(&fake, fake.token(), &clock, policy, true, 11);
     let first = broker.get("p").await.unwrap();
     fake.set_faults(Faults {
         create_status: Some((503, "backend unavailable".into())),
@@ -222,7 +223,7 @@ async fn rate_limit_retry_after_is_honoured() {
         retry_after: Some(30),
         ..Faults::default()
     });
-    let broker = broker_for(&fake, &clock, hour_policy(), true, 3);
+    let broker = broker_for(&fake, fake.token(), &clock, hour_policy(), true, 3);
     match broker.get("p").await {
         Err(ServeError::Unavailable(u)) => {
             assert!(u.retry_after >= Duration::from_secs(29), "{u:?}")
@@ -255,7 +256,7 @@ async fn unserveable_answers_are_errors_not_keys() {
         malformed_create: true,
         ..Faults::default()
     });
-    let broker = broker_for(&fake, &clock, hour_policy(), false, 5);
+    let broker = broker_for(&fake, fake.token(), &clock, hour_policy(), false, 5);
     match broker.get("p").await {
         Err(ServeError::Unavailable(u)) => {
             assert!(u.message.contains("unreadable answer"), "{u:?}")
@@ -292,25 +293,7 @@ async fn unserveable_answers_are_errors_not_keys() {
 async fn a_rejected_token_is_reported_without_a_retry_storm() {
     let clock = Clock::tokio();
     let fake = FakeCloud::new(clock.clone());
-    let http = HttpClient::in_process(fake.handler(), Duration::from_secs(10));
-    let provider = CoreWeave::new(
-        http,
-        "http://fake.invalid",
-        Secret::new("wrong-token"),
-        clock.clone(),
-    );
-    let broker = Broker::start(
-        vec![ProfileSpec {
-            name: "p".into(),
-            provider: Arc::new(provider),
-            policy: hour_policy(),
-            prewarm: true,
-            revoke_on_shutdown: true,
-        }],
-        clock.clone(),
-        Some(1),
-        DEFAULT_MINT_WAIT,
-    );
+    let broker = broker_for(&fake, "wrong-token", &clock, hour_policy(), true, 1);
     for _ in 0..100 {
         match broker.get("p").await {
             Err(ServeError::Unavailable(u)) => {

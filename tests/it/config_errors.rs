@@ -2,6 +2,7 @@
 //! the real binary, and `serve` exits 64 before binding anything.
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 
 use crate::harness::Env;
 
@@ -169,16 +170,7 @@ fn secret_files_open_to_group_or_others_are_refused() {
         "{stderr}"
     );
     env.secret_file("cw-token", "tok");
-    let out = env
-        .command(&["check-config", "--config", path.to_str().unwrap()])
-        .env("CREDENTIALS_DIRECTORY", env.dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_checks_ok_with_credentials_dir(&env, &path);
 }
 
 #[test]
@@ -219,8 +211,13 @@ fn the_example_config_is_valid() {
     let env = Env::new();
     env.secret_file("coreweave-token", "t");
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/keybroker.example.toml");
+    assert_checks_ok_with_credentials_dir(&env, Path::new(example));
+}
+
+/// `check-config` passes with `$CREDENTIALS_DIRECTORY` set to the env's directory.
+fn assert_checks_ok_with_credentials_dir(env: &Env, config: &Path) {
     let out = env
-        .command(&["check-config", "--config", example])
+        .command(&["check-config", "--config", config.to_str().unwrap()])
         .env("CREDENTIALS_DIRECTORY", env.dir.path())
         .output()
         .unwrap();

@@ -155,19 +155,21 @@ async fn cold_burst_of_500_requests_mints_once() {
     assert!(fake.live().is_empty());
 }
 
-/// SIGTERM with keys in three profiles: every key revoked, socket removed, exit 0.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_revokes_every_key_and_exits_0() {
-    let (env, fake, mut daemon) = setup(
-        "shutdown_timeout = \"10s\"",
-        &[("a", ""), ("b", ""), ("c", "")],
-        "info",
-    )
-    .await;
+/// A daemon with three prewarmed profiles, each holding a live key at the fake.
+async fn three_prewarmed_profiles(shutdown_timeout: &str) -> (Env, Arc<FakeCloud>, Daemon) {
+    let server = format!("shutdown_timeout = \"{shutdown_timeout}\"");
+    let (env, fake, daemon) = setup(&server, &[("a", ""), ("b", ""), ("c", "")], "info").await;
     wait_until("three prewarmed keys", Duration::from_secs(10), || {
         fake.live().len() == 3
     })
     .await;
+    (env, fake, daemon)
+}
+
+/// SIGTERM with keys in three profiles: every key revoked, socket removed, exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_revokes_every_key_and_exits_0() {
+    let (env, fake, mut daemon) = three_prewarmed_profiles("10s").await;
     let (status, elapsed) = stop(&mut daemon, Duration::from_secs(15));
     assert_eq!(status.code(), Some(0), "{}", daemon.logs());
     assert!(elapsed < Duration::from_secs(10));
@@ -189,16 +191,7 @@ async fn sigterm_revokes_every_key_and_exits_0() {
 /// every key left alive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_a_hanging_provider_is_bounded_and_exits_1() {
-    let (_env, fake, mut daemon) = setup(
-        "shutdown_timeout = \"3s\"",
-        &[("a", ""), ("b", ""), ("c", "")],
-        "info",
-    )
-    .await;
-    wait_until("three prewarmed keys", Duration::from_secs(10), || {
-        fake.live().len() == 3
-    })
-    .await;
+    let (_env, fake, mut daemon) = three_prewarmed_profiles("3s").await;
     fake.set_faults(Faults {
         hang_revokes: true,
         ..Faults::default()
