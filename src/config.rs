@@ -77,6 +77,8 @@ pub struct ServerConfig {
     pub state_dir: Option<PathBuf>,
     /// Revoke budget at stop.
     pub shutdown_timeout: Duration,
+    /// The loopback container-credentials endpoint's address, if enabled (DESIGN.md §4).
+    pub container_listen: Option<SocketAddr>,
 }
 
 /// `[profiles.NAME]`.
@@ -255,6 +257,7 @@ fn server_config(loc: &Located<'_>, raw: Option<RawServer>) -> Result<ServerConf
         socket_group: None,
         state_dir: None,
         shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+        container_listen: None,
     };
     let Some(raw) = raw else { return Ok(server) };
     if let Some(socket) = raw.socket {
@@ -312,12 +315,7 @@ fn server_config(loc: &Located<'_>, raw: Option<RawServer>) -> Result<ServerConf
                 format!("listen {addr} is not a loopback address: the container endpoint serves keys to local SDKs only; use 127.0.0.1 or [::1]"),
             ));
         }
-        // The endpoint itself arrives with the next version; accepting the setting silently
-        // would leave SDKs pointed at a port nothing listens on.
-        return Err(loc.at(
-            listen.span(),
-            format!("listen {addr}: the container endpoint is not available in this version of keybroker yet; remove [server.container]"),
-        ));
+        server.container_listen = Some(addr);
     }
     Ok(server)
 }
@@ -700,6 +698,7 @@ pub fn dev() -> Config {
             socket_group: None,
             state_dir: None,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            container_listen: None,
         },
         profiles: BTreeMap::from([("dev".to_string(), profile)]),
     }

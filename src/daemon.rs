@@ -2,6 +2,7 @@
 //! shut down in a fixed, logged order within `shutdown_timeout` (DESIGN.md §6).
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{Broker, ProfileSpec, StopReport, DEFAULT_MINT_WAIT};
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::server::{self, Access, App, BoundSocket};
+use crate::server::container::ContainerTokens;
+use crate::server::{self, Access, App, BoundSocket, Listener};
 
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
@@ -31,45 +33,114 @@ pub enum DaemonError {
     /// The tokio listener could not be registered.
     #[error("socket: {0}")]
     Listener(std::io::Error),
+    /// The container endpoint could not listen.
+    #[error("container endpoint {addr}: {source}")]
+    Container {
+        /// The configured address.
+        addr: SocketAddr,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The container endpoint's token files could not be written.
+    #[error(transparent)]
+    ContainerTokens(#[from] server::container::TokenError),
 }
 
-/// A started daemon: the broker's drivers and the socket server are running.
+/// A started daemon: the broker's drivers and the servers are running.
 pub struct Running {
     broker: Arc<Broker>,
+    app: Arc<App>,
     socket: BoundSocket,
-    server: tokio::task::JoinHandle<()>,
+    servers: Vec<tokio::task::JoinHandle<()>>,
     stop_server: CancellationToken,
     shutdown_timeout: Duration,
 }
 
-/// Starts serving `profiles` on `socket`. Must run inside a tokio runtime.
+/// How to run, beyond the profiles and the socket.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Who may read what.
+    pub access: Access,
+    /// Where time comes from.
+    pub clock: Clock,
+    /// Seed for jitter and tags (tests); `None` in production.
+    pub seed: Option<u64>,
+    /// Revoke budget at stop.
+    pub shutdown_timeout: Duration,
+    /// The container endpoint's address, if enabled.
+    pub container_listen: Option<SocketAddr>,
+}
+
+/// Starts serving `profiles` on `socket` (and the container endpoint, if configured). Must run
+/// inside a tokio runtime.
 pub fn start(
     profiles: Vec<ProfileSpec>,
-    access: Access,
     socket: BoundSocket,
-    clock: Clock,
-    seed: Option<u64>,
-    shutdown_timeout: Duration,
+    options: Options,
 ) -> Result<Running, DaemonError> {
     let listener = socket.listener.try_clone().map_err(DaemonError::Listener)?;
     listener
         .set_nonblocking(true)
         .map_err(DaemonError::Listener)?;
     let listener = tokio::net::UnixListener::from_std(listener).map_err(DaemonError::Listener)?;
-    let broker = Arc::new(Broker::start(profiles, clock, seed, DEFAULT_MINT_WAIT));
+    let mut listeners = vec![Listener::Socket(listener)];
+    let mut container = None;
+    if let Some(addr) = options.container_listen {
+        let tcp = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(tokio::net::TcpListener::from_std)
+            .map_err(|source| DaemonError::Container { addr, source })?;
+        let dir = socket
+            .path
+            .parent()
+            .unwrap_or(std::path::Path::new("/"))
+            .join("container");
+        let groups: Vec<(String, Option<u32>)> = profiles
+            .iter()
+            .map(|p| {
+                let gid = options
+                    .access
+                    .profiles
+                    .get(&p.name)
+                    .and_then(|(_, gids)| gids.first().copied());
+                (p.name.clone(), gid)
+            })
+            .collect();
+        container = Some(ContainerTokens::create(&dir, &groups)?);
+        tracing::info!(listen = %addr, tokens = %dir.display(), "container endpoint");
+        listeners.push(Listener::Container(tcp));
+    }
+    let broker = Arc::new(Broker::start(
+        profiles,
+        options.clock,
+        options.seed,
+        DEFAULT_MINT_WAIT,
+    ));
     let app = Arc::new(App {
         broker: Arc::clone(&broker),
-        access,
+        access: options.access,
+        container,
     });
     let stop_server = CancellationToken::new();
-    let drain = server::DRAIN_TIMEOUT.min(shutdown_timeout / 4);
-    let server = tokio::spawn(server::serve(listener, app, stop_server.clone(), drain));
+    let drain = server::DRAIN_TIMEOUT.min(options.shutdown_timeout / 4);
+    let servers = listeners
+        .into_iter()
+        .map(|l| {
+            tokio::spawn(server::serve(
+                l,
+                Arc::clone(&app),
+                stop_server.clone(),
+                drain,
+            ))
+        })
+        .collect();
     Ok(Running {
         broker,
+        app,
         socket,
-        server,
+        servers,
         stop_server,
-        shutdown_timeout,
+        shutdown_timeout: options.shutdown_timeout,
     })
 }
 
@@ -88,9 +159,14 @@ impl Running {
             "stopping: no new connections, draining requests"
         );
         self.stop_server.cancel();
-        let _ = tokio::time::timeout_at(deadline, self.server).await;
+        for server in self.servers {
+            let _ = tokio::time::timeout_at(deadline, server).await;
+        }
         tracing::info!("stopping: revoking keys");
         let report = self.broker.stop(deadline).await;
+        if let Some(tokens) = &self.app.container {
+            tokens.remove();
+        }
         self.socket.remove();
         tracing::info!(
             revoked = report.revoked.len(),
@@ -150,14 +226,14 @@ pub async fn run(
         config.server.socket_group,
     )?;
     let names: Vec<String> = profiles.iter().map(|p| p.name.clone()).collect();
-    let running = start(
-        profiles,
-        access_from(config),
-        socket,
-        Clock::System,
-        None,
-        config.server.shutdown_timeout,
-    )?;
+    let options = Options {
+        access: access_from(config),
+        clock: Clock::System,
+        seed: None,
+        shutdown_timeout: config.server.shutdown_timeout,
+        container_listen: config.server.container_listen,
+    };
+    let running = start(profiles, socket, options)?;
     tracing::info!(socket = %socket_path.display(), profiles = ?names, "serving");
     stop.await;
     Ok(running.stop().await)

@@ -1,6 +1,7 @@
 //! The Unix-socket HTTP API (DESIGN.md §4): hyper over tokio's `UnixListener`, peer
 //! credentials checked per profile before anything is served.
 
+pub mod container;
 mod socket;
 
 use std::convert::Infallible;
@@ -12,8 +13,11 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::UnixListener;
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
+
+use container::ContainerTokens;
 
 pub use socket::{bind_socket, BindError, BoundSocket};
 
@@ -58,6 +62,53 @@ pub struct App {
     pub broker: Arc<Broker>,
     /// Who may read what.
     pub access: Access,
+    /// The container endpoint's tokens, when it is enabled.
+    pub container: Option<ContainerTokens>,
+}
+
+/// A listening endpoint: the Unix socket, or the loopback container endpoint.
+#[derive(Debug)]
+pub enum Listener {
+    /// The Unix-socket API; peers are identified by SO_PEERCRED.
+    Socket(UnixListener),
+    /// The container-credentials endpoint; peers present a token.
+    Container(TcpListener),
+}
+
+/// Which API a connection speaks, and who is on the other end.
+#[derive(Clone, Copy, Debug)]
+enum Route {
+    Socket(Peer),
+    Container,
+}
+
+/// Accepts one connection. `Ok(None)`: the connection was refused (no peer credentials).
+async fn accept(
+    listener: &Listener,
+) -> std::io::Result<Option<(Either<UnixStream, TcpStream>, Route)>> {
+    match listener {
+        Listener::Socket(l) => {
+            let (stream, _) = l.accept().await?;
+            match stream.peer_cred() {
+                Ok(c) => Ok(Some((
+                    Either::Left(stream),
+                    Route::Socket(Peer {
+                        uid: c.uid(),
+                        gid: c.gid(),
+                    }),
+                ))),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no peer credentials; closing the connection");
+                    Ok(None)
+                }
+            }
+        }
+        Listener::Container(l) => {
+            let (stream, _) = l.accept().await?;
+            let _ = stream.set_nodelay(true);
+            Ok(Some((Either::Right(stream), Route::Container)))
+        }
+    }
 }
 
 type Body = Full<Bytes>;
@@ -163,6 +214,9 @@ fn status_body(app: &App) -> Bytes {
         .into_iter()
         .map(|(name, provider, status)| {
             let mut v = serde_json::to_value(&status).expect("status serializes");
+            if let Some(file) = app.container.as_ref().and_then(|t| t.file(&name)) {
+                v["container_token_file"] = file.display().to_string().into();
+            }
             v["name"] = name.into();
             v["provider"] = provider.as_str().into();
             v
@@ -180,22 +234,18 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves `listener` until `stop` fires, then stops accepting and drains open connections for
 /// at most `drain`.
-pub async fn serve(
-    listener: UnixListener,
-    app: Arc<App>,
-    stop: CancellationToken,
-    drain: Duration,
-) {
+pub async fn serve(listener: Listener, app: Arc<App>, stop: CancellationToken, drain: Duration) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(5))
         .keep_alive(true);
     loop {
-        let stream = tokio::select! {
+        let (stream, route) = tokio::select! {
             _ = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+            accepted = accept(&listener) => match accepted {
+                Ok(Some(conn)) => conn,
+                Ok(None) => continue,
                 Err(e) => {
                     // EMFILE and friends: wait a little instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -204,25 +254,21 @@ pub async fn serve(
                 }
             },
         };
-        let peer = match stream.peer_cred() {
-            Ok(c) => Peer {
-                uid: c.uid(),
-                gid: c.gid(),
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "no peer credentials; closing the connection");
-                continue;
-            }
-        };
         let app = Arc::clone(&app);
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let app = Arc::clone(&app);
             async move {
-                let mut resp = handle(&app, peer, &req).await;
+                let mut resp = match (route, &app.container) {
+                    (Route::Socket(peer), _) => handle(&app, peer, &req).await,
+                    (Route::Container, Some(tokens)) => container::handle(&app, tokens, &req).await,
+                    (Route::Container, None) => {
+                        unreachable!("the container listener exists only with its tokens")
+                    }
+                };
                 if req.method() == Method::HEAD {
                     *resp.body_mut() = Full::new(Bytes::new());
                 }
-                tracing::debug!(method = %req.method(), path = req.uri().path(), status = resp.status().as_u16(), uid = peer.uid, "request");
+                tracing::debug!(method = %req.method(), path = req.uri().path(), status = resp.status().as_u16(), ?route, "request");
                 Ok::<_, Infallible>(resp)
             }
         });

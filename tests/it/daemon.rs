@@ -1,6 +1,5 @@
 //! The real binary against the fake cloud over loopback: what users and operators see.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,7 +8,7 @@ use rustix::process::Signal;
 use time::OffsetDateTime;
 
 use crate::fake_cloud::{FakeCloud, Faults};
-use crate::harness::{coreweave_profile, get, key_id, Daemon, Env};
+use crate::harness::{coreweave_profile, get, key_id, python, Daemon, Env};
 
 /// Starts the fake on loopback and a daemon with `profiles` (name, extra TOML) against it.
 async fn setup(
@@ -40,12 +39,6 @@ async fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
 
 fn stop(daemon: &mut Daemon, limit: Duration) -> (std::process::ExitStatus, Duration) {
     tokio::task::block_in_place(|| daemon.stop(limit))
-}
-
-fn python() -> PathBuf {
-    std::env::var_os("KEYBROKER_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python")))
 }
 
 /// botocore, configured with `credential_process`, accepts what the client prints, and the key

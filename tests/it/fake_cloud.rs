@@ -13,6 +13,8 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use keybroker::clock::Clock;
 use keybroker::provider::http::InProcessHandler;
+
+use crate::moto::Moto;
 use rand::distributions::{Alphanumeric, DistString};
 use serde_json::{json, Value};
 use time::OffsetDateTime;
@@ -26,6 +28,8 @@ pub struct FakeKey {
     pub created: OffsetDateTime,
     pub expires_at: OffsetDateTime,
     pub revoked_at: Option<OffsetDateTime>,
+    /// The IAM user holding this key in moto, when the fake mirrors into moto.
+    pub iam_user: Option<String>,
 }
 
 /// Faults to inject.
@@ -58,10 +62,31 @@ pub struct FakeCloud {
     clock: Clock,
     token: String,
     state: Mutex<State>,
+    /// Where keys really live, for the end-to-end tests: moto's IAM.
+    mirror: Option<Arc<Moto>>,
 }
 
 impl FakeCloud {
     pub fn new(clock: Clock) -> Arc<Self> {
+        Self::build(clock, None)
+    }
+
+    /// A fake whose keys are real keys in moto: minted there, deleted there on revoke or expiry
+    /// (moto never expires a key by itself, so a reaper deletes expired ones). Real time only.
+    pub fn mirrored(moto: Arc<Moto>) -> Arc<Self> {
+        let fake = Self::build(Clock::System, Some(moto));
+        let weak = Arc::downgrade(&fake);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let Some(fake) = weak.upgrade() else { return };
+                fake.reap_expired().await;
+            }
+        });
+        fake
+    }
+
+    fn build(clock: Clock, mirror: Option<Arc<Moto>>) -> Arc<Self> {
         Arc::new(FakeCloud {
             clock,
             token: format!(
@@ -69,7 +94,32 @@ impl FakeCloud {
                 Alphanumeric.sample_string(&mut rand::thread_rng(), 24)
             ),
             state: Mutex::new(State::default()),
+            mirror,
         })
+    }
+
+    /// Deletes expired keys from moto, as the real provider's expiry would.
+    async fn reap_expired(&self) {
+        let now = self.clock.now();
+        let expired: Vec<(String, String)> = {
+            let mut st = self.lock();
+            st.keys
+                .values_mut()
+                .filter(|k| k.revoked_at.is_none() && k.expires_at <= now)
+                .filter_map(|k| k.iam_user.take().map(|u| (u, k.id.clone())))
+                .collect()
+        };
+        for (user, id) in expired {
+            self.unmirror(user, id).await;
+        }
+    }
+
+    async fn unmirror(&self, user: String, id: String) {
+        if let Some(moto) = self.mirror.clone() {
+            tokio::task::spawn_blocking(move || moto.delete_key(&user, &id))
+                .await
+                .unwrap();
+        }
     }
 
     /// The API token the fake accepts.
@@ -282,14 +332,35 @@ impl FakeCloud {
                 json!({"code": 3, "message": "durationSeconds must be in 1..43200 for this test fake"}),
             );
         }
-        let mut rng = rand::thread_rng();
+        let (id, secret, iam_user) = match self.mirror.clone() {
+            Some(moto) => {
+                let user = format!(
+                    "kb-{}",
+                    Alphanumeric.sample_string(&mut rand::thread_rng(), 12)
+                );
+                let u = user.clone();
+                let (id, secret) = tokio::task::spawn_blocking(move || moto.create_key(&u))
+                    .await
+                    .unwrap();
+                (id, secret, Some(user))
+            }
+            None => {
+                let mut rng = rand::thread_rng();
+                (
+                    format!(
+                        "CW{}",
+                        Alphanumeric.sample_string(&mut rng, 14).to_uppercase()
+                    ),
+                    format!("cwo{}", Alphanumeric.sample_string(&mut rng, 40)),
+                    None,
+                )
+            }
+        };
         let now = self.clock.now();
         let key = FakeKey {
-            id: format!(
-                "CW{}",
-                Alphanumeric.sample_string(&mut rng, 14).to_uppercase()
-            ),
-            secret: format!("cwo{}", Alphanumeric.sample_string(&mut rng, 40)),
+            id,
+            secret,
+            iam_user,
             tag: body["attributes"]["keybroker-lease"]
                 .as_str()
                 .map(str::to_string),
@@ -329,17 +400,25 @@ impl FakeCloud {
             );
         };
         let now = self.clock.now();
-        let mut st = self.lock();
-        match st.keys.get_mut(id) {
-            Some(k) if k.revoked_at.is_none() => {
-                k.revoked_at = Some(now);
-                reply(StatusCode::OK, json!({}))
+        let mirrored = {
+            let mut st = self.lock();
+            match st.keys.get_mut(id) {
+                Some(k) if k.revoked_at.is_none() => {
+                    k.revoked_at = Some(now);
+                    k.iam_user.take()
+                }
+                _ => {
+                    return reply(
+                        StatusCode::NOT_FOUND,
+                        json!({"code": 5, "message": "access key not found"}),
+                    )
+                }
             }
-            _ => reply(
-                StatusCode::NOT_FOUND,
-                json!({"code": 5, "message": "access key not found"}),
-            ),
+        };
+        if let Some(user) = mirrored {
+            self.unmirror(user, id.to_string()).await;
         }
+        reply(StatusCode::OK, json!({}))
     }
 }
 

@@ -193,3 +193,15 @@ pub fn coreweave_profile(name: &str, endpoint: &str, token_file: &Path, extra: &
         token_file.display()
     )
 }
+
+/// The Python of the test virtualenv (`$KEYBROKER_TEST_PYTHON`, else `.venv/bin/python`).
+pub fn python() -> PathBuf {
+    std::env::var_os("KEYBROKER_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python")))
+}
+
+/// The virtualenv's bin directory (aws, python).
+pub fn venv_bin() -> PathBuf {
+    python().parent().unwrap().to_path_buf()
+}

@@ -3,5 +3,7 @@
 mod broker_time;
 mod config_errors;
 mod daemon;
+mod e2e;
 mod fake_cloud;
 mod harness;
+mod moto;

@@ -1,0 +1,222 @@
+//! The loopback container-credentials endpoint (DESIGN.md §4, `reference/clients.md` B.2):
+//! `GET /v1/container-credentials/{profile}` with `Authorization: <token>`, for SDKs configured
+//! with `AWS_CONTAINER_CREDENTIALS_FULL_URI` and `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`.
+//!
+//! A TCP peer has no SO_PEERCRED, so the token is the authorization: one random token per
+//! profile, written at start to `<socket dir>/container/<profile>.token`, readable only by the
+//! daemon's user, or by the profile's first `allow_groups` group where one is configured.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::Full;
+use rand::RngCore;
+
+use super::App;
+use crate::broker::ServeError;
+use crate::credentials::Secret;
+
+/// One profile's token and where it was written.
+#[derive(Debug)]
+struct Token {
+    value: Secret,
+    file: PathBuf,
+}
+
+/// The per-profile tokens of the container endpoint.
+#[derive(Debug, Default)]
+pub struct ContainerTokens {
+    tokens: HashMap<String, Token>,
+}
+
+/// Why the token files could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("container token {path}: {what}: {source}")]
+pub struct TokenError {
+    path: PathBuf,
+    what: &'static str,
+    source: std::io::Error,
+}
+
+impl ContainerTokens {
+    /// Makes a fresh random token for each `(profile, group)` and writes it to
+    /// `dir/<profile>.token`: mode 0600, or 0640 owned by `group` when one is given.
+    pub fn create(dir: &Path, profiles: &[(String, Option<u32>)]) -> Result<Self, TokenError> {
+        let err = |path: &Path, what| {
+            let path = path.to_path_buf();
+            move |source| TokenError { path, what, source }
+        };
+        std::fs::create_dir_all(dir).map_err(err(dir, "creating the directory"))?;
+        let shared = profiles.iter().any(|(_, g)| g.is_some());
+        let dir_mode = if shared { 0o755 } else { 0o700 };
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode))
+            .map_err(err(dir, "setting the directory's mode"))?;
+        let mut tokens = HashMap::new();
+        for (profile, group) in profiles {
+            let mut raw = [0u8; 32];
+            rand::rngs::OsRng.fill_bytes(&mut raw);
+            let value = Secret::new(raw.iter().map(|b| format!("{b:02x}")).collect::<String>());
+            let file = dir.join(format!("{profile}.token"));
+            let tmp = dir.join(format!(".{profile}.token.tmp"));
+            let _ = std::fs::remove_file(&tmp);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(err(&tmp, "creating"))?;
+            f.write_all(value.expose().as_bytes())
+                .map_err(err(&tmp, "writing"))?;
+            if let Some(gid) = group {
+                std::os::unix::fs::chown(&tmp, None, Some(*gid)).map_err(err(
+                    &tmp,
+                    "giving it to the profile's group (is the daemon a member?)",
+                ))?;
+                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o640))
+                    .map_err(err(&tmp, "setting its mode"))?;
+            }
+            std::fs::rename(&tmp, &file).map_err(err(&file, "moving it into place"))?;
+            tokens.insert(profile.clone(), Token { value, file });
+        }
+        Ok(ContainerTokens { tokens })
+    }
+
+    /// The token file of `profile`.
+    pub fn file(&self, profile: &str) -> Option<&Path> {
+        self.tokens.get(profile).map(|t| t.file.as_path())
+    }
+
+    /// Whether `presented` is `profile`'s token, compared in constant time.
+    fn accepts(&self, profile: &str, presented: Option<&HeaderValue>) -> bool {
+        match (self.tokens.get(profile), presented) {
+            (Some(token), Some(presented)) => {
+                constant_time_eq(token.value.expose().as_bytes(), presented.as_bytes())
+            }
+            _ => false,
+        }
+    }
+
+    /// Deletes the token files (at stop): the tokens die with the daemon.
+    pub fn remove(&self) {
+        for token in self.tokens.values() {
+            let _ = std::fs::remove_file(&token.file);
+        }
+    }
+}
+
+use std::os::unix::fs::OpenOptionsExt;
+
+/// Equality whose time does not depend on where the inputs differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// An error in the shape the SDKs read from a container endpoint: `{"code", "message"}`.
+fn sdk_error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({ "code": code, "message": message }).to_string() + "\n";
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// Answers one container-endpoint request.
+pub async fn handle<B>(
+    app: &App,
+    tokens: &ContainerTokens,
+    req: &Request<B>,
+) -> Response<Full<Bytes>> {
+    let Some(profile) = req.uri().path().strip_prefix("/v1/container-credentials/") else {
+        return sdk_error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "no such endpoint; use /v1/container-credentials/PROFILE",
+        );
+    };
+    if app.broker.slot(profile).is_none() {
+        return sdk_error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("no profile named {profile:?} in the keybroker config"),
+        );
+    }
+    if !tokens.accepts(profile, req.headers().get(header::AUTHORIZATION)) {
+        let file = tokens
+            .file(profile)
+            .map(|f| f.display().to_string())
+            .unwrap_or_default();
+        return sdk_error(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            &format!("missing or wrong Authorization token for profile {profile}; set AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE={file}"),
+        );
+    }
+    match app.broker.get(profile).await {
+        Ok(key) => {
+            let mut resp = Response::new(Full::new(key.container_json.clone()));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            resp.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            resp
+        }
+        Err(ServeError::UnknownProfile(_)) => unreachable!("checked above"),
+        Err(ServeError::Unavailable(u)) => {
+            let mut resp = sdk_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                &u.message,
+            );
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(u.retry_after.as_secs().max(1)),
+            );
+            resp
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_is_equality() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn token_files_are_private_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens =
+            ContainerTokens::create(&dir.path().join("container"), &[("p".into(), None)]).unwrap();
+        let file = tokens.file("p").unwrap().to_path_buf();
+        let meta = std::fs::metadata(&file).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(text.len(), 64);
+        let header = HeaderValue::from_str(&text).unwrap();
+        assert!(tokens.accepts("p", Some(&header)));
+        assert!(!tokens.accepts("p", Some(&HeaderValue::from_static("nope"))));
+        assert!(!tokens.accepts("p", None));
+        assert!(!tokens.accepts("q", Some(&header)));
+        tokens.remove();
+        assert!(!file.exists());
+    }
+}
