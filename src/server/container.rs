@@ -219,4 +219,32 @@ mod tests {
         tokens.remove();
         assert!(!file.exists());
     }
+
+    #[test]
+    fn a_profile_group_may_read_its_token() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let gid = rustix::process::getgid().as_raw();
+        let tokens = ContainerTokens::create(
+            &dir.path().join("container"),
+            &[("shared".into(), Some(gid)), ("private".into(), None)],
+        )
+        .unwrap();
+        let shared = std::fs::metadata(tokens.file("shared").unwrap()).unwrap();
+        assert_eq!(
+            (shared.permissions().mode() & 0o777, shared.gid()),
+            (0o640, gid)
+        );
+        let private = std::fs::metadata(tokens.file("private").unwrap()).unwrap();
+        assert_eq!(private.permissions().mode() & 0o777, 0o600);
+        let dir_mode = std::fs::metadata(dir.path().join("container"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(
+            dir_mode & 0o777,
+            0o755,
+            "group members can reach their token"
+        );
+    }
 }
