@@ -114,6 +114,24 @@ pub enum ProviderCredentials {
         /// Bearer token from `token_file`.
         token: Secret,
     },
+    /// Crusoe: the API key id and secret, and the organization if not discovered.
+    Crusoe {
+        /// The API key id (not secret).
+        access_key_id: String,
+        /// The API secret from `secret_key_file`.
+        secret: Secret,
+        /// `org_id`, or `None` to use the one organization the key sees.
+        org_id: Option<String>,
+    },
+    /// GleSYS: project, API key and object-storage instance.
+    Glesys {
+        /// The project id (`CL12345`), the Basic auth user.
+        project: String,
+        /// The API key from `api_key_file`.
+        api_key: Secret,
+        /// The object-storage instance (`os-ab123`).
+        instance_id: String,
+    },
     /// The dev provider needs nothing.
     Dev,
 }
@@ -428,13 +446,53 @@ fn profile_config(
             }
         }
         ProviderKind::Dev => ProviderCredentials::Dev,
-        ProviderKind::Crusoe | ProviderKind::Glesys => {
-            return Err(loc.at(
-                raw.provider.span(),
-                in_profile(format!(
-                    "provider {provider} is not supported by this version of keybroker yet"
-                )),
-            ));
+        ProviderKind::Crusoe => {
+            let need = |key: &str| {
+                loc.at(
+                    table_span.clone(),
+                    in_profile(format!("provider crusoe needs {key}")),
+                )
+            };
+            let access_key_id = raw
+                .access_key_id
+                .as_ref()
+                .ok_or_else(|| need("access_key_id (the Crusoe API key id)"))?;
+            let file = raw
+                .secret_key_file
+                .as_ref()
+                .ok_or_else(|| need("secret_key_file (the Crusoe API secret)"))?;
+            let secret = read_secret(loc, file, "secret_key_file")?;
+            crate::provider::crusoe::check_secret(&secret)
+                .map_err(|e| loc.at(file.span(), in_profile(format!("secret_key_file: {e}"))))?;
+            ProviderCredentials::Crusoe {
+                access_key_id: access_key_id.get_ref().clone(),
+                secret,
+                org_id: raw.org_id.as_ref().map(|o| o.get_ref().clone()),
+            }
+        }
+        ProviderKind::Glesys => {
+            let need = |key: &str| {
+                loc.at(
+                    table_span.clone(),
+                    in_profile(format!("provider glesys needs {key}")),
+                )
+            };
+            let project = raw
+                .project
+                .as_ref()
+                .ok_or_else(|| need("project (the project id, like \"CL12345\")"))?;
+            let file = raw
+                .api_key_file
+                .as_ref()
+                .ok_or_else(|| need("api_key_file (the project's API key)"))?;
+            let instance_id = raw.instance_id.as_ref().ok_or_else(|| {
+                need("instance_id (the object storage instance, like \"os-ab123\")")
+            })?;
+            ProviderCredentials::Glesys {
+                project: project.get_ref().clone(),
+                api_key: read_secret(loc, file, "api_key_file")?,
+                instance_id: instance_id.get_ref().clone(),
+            }
         }
     };
 
@@ -446,7 +504,9 @@ fn profile_config(
         }
         None => match provider {
             ProviderKind::Coreweave => crate::provider::coreweave::DEFAULT_ENDPOINT.to_string(),
-            _ => String::new(),
+            ProviderKind::Crusoe => crate::provider::crusoe::DEFAULT_ENDPOINT.to_string(),
+            ProviderKind::Glesys => crate::provider::glesys::DEFAULT_ENDPOINT.to_string(),
+            ProviderKind::Dev => String::new(),
         },
     };
     let ca_file = raw.ca_file.as_ref().map(|f| {
@@ -551,6 +611,16 @@ fn renew_policy(
                 defaulted("min_remaining", &raw.min_remaining),
                 show(renew_before),
                 if raw.renew_before.is_some() { String::new() } else { " = lifetime/2, the default".to_string() },
+            )),
+        ));
+    }
+    if provider == ProviderKind::Crusoe && renew_before > lifetime / 2 {
+        return Err(loc.at(
+            span_of(&raw.renew_before),
+            in_profile(format!(
+                "renew_before ({}) is more than half of lifetime ({}): Crusoe allows two keys, so each renewal revokes the previous retired key, which must be at the end of its life by then",
+                show(renew_before),
+                show(lifetime)
             )),
         ));
     }

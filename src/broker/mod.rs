@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use policy::{backoff, RenewPolicy, BACKOFF_CAP, DEGRADED_FLOOR, RENEW_JITTER};
+pub use policy::{backoff, retry_delay, RenewPolicy, BACKOFF_CAP, DEGRADED_FLOOR, RENEW_JITTER};
 pub use slot::{ReadyKey, Slot, SlotStatus, Unavailable};
 
 use crate::clock::Clock;

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
+use crate::provider::ProviderError;
+
 /// The most a renewal is moved earlier, as a fraction of `renew_before` (DESIGN.md §5: up to 10%).
 pub const RENEW_JITTER: f64 = 0.10;
 /// A degraded profile serves its last key until this long before it expires (DESIGN.md §5).
@@ -50,6 +52,19 @@ pub fn backoff(failures: u32, jitter: f64, floor: Duration) -> Duration {
     ceiling.mul_f64(jitter.clamp(0.0, 1.0)).max(floor)
 }
 
+/// Delay before the driver's next attempt after `failures` failed mints ending in `error`.
+/// Errors a prompt retry cannot fix (refused credentials, a refused request, a full key
+/// budget) wait the whole [`BACKOFF_CAP`]; the others back off exponentially with full jitter,
+/// never sooner than the provider's `Retry-After`.
+pub fn retry_delay(error: &ProviderError, failures: u32, jitter: f64) -> Duration {
+    match error {
+        ProviderError::Auth(_) | ProviderError::Rejected(_) | ProviderError::LimitReached(_) => {
+            BACKOFF_CAP
+        }
+        _ => backoff(failures, jitter, error.retry_floor()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,6 +92,21 @@ mod tests {
             ..HOUR
         };
         assert_eq!(short.degraded_floor(), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn errors_a_retry_cannot_fix_wait_the_cap() {
+        let auth = ProviderError::Auth("x".into());
+        assert_eq!(retry_delay(&auth, 1, 0.0), BACKOFF_CAP);
+        let limit = ProviderError::LimitReached("x".into());
+        assert_eq!(retry_delay(&limit, 1, 0.0), BACKOFF_CAP);
+        let transient = ProviderError::Transient("x".into());
+        assert_eq!(retry_delay(&transient, 1, 0.0), Duration::from_secs(1));
+        let limited = ProviderError::RateLimited {
+            retry_after: Some(Duration::from_secs(30)),
+            message: "x".into(),
+        };
+        assert_eq!(retry_delay(&limited, 1, 0.0), Duration::from_secs(30));
     }
 
     #[test]

@@ -13,10 +13,10 @@ use time::OffsetDateTime;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::policy::{backoff, RenewPolicy};
+use super::policy::{backoff, retry_delay, RenewPolicy};
 use crate::clock::{positive, Clock};
 use crate::credentials::{self, format_expiration};
-use crate::provider::{KeyHandle, MintedKey, Provider, ProviderError};
+use crate::provider::{KeyHandle, MintedKey, Provider, ProviderError, TAG_PREFIX};
 
 /// A key ready to serve, with its response bodies rendered once.
 #[derive(Debug)]
@@ -438,11 +438,108 @@ impl Slot {
         )
     }
 
+    /// Mints, keeping within the provider's key limit: the oldest retired key is revoked first
+    /// when a new key would exceed it, and a create refused at the limit is retried once after
+    /// evicting the broker's own oldest key. Keys the broker did not tag are never touched.
+    async fn mint_within_limit(&self, tag: &str) -> Result<MintedKey, ProviderError> {
+        if let Some(limit) = self.provider.key_limit() {
+            self.make_room(limit).await?;
+        }
+        match self.provider.mint(tag, self.policy.lifetime).await {
+            Err(ProviderError::LimitReached(message)) => {
+                self.evict_own_oldest(&message).await?;
+                self.provider.mint(tag, self.policy.lifetime).await
+            }
+            other => other,
+        }
+    }
+
+    /// Revokes retired keys, oldest first, until one more key fits under `limit`.
+    async fn make_room(&self, limit: usize) -> Result<(), ProviderError> {
+        loop {
+            let oldest = {
+                let mut st = self.lock();
+                let held = usize::from(self.current.load().is_some()) + st.retired.len();
+                if held < limit || st.retired.is_empty() {
+                    return Ok(());
+                }
+                let i = (0..st.retired.len())
+                    .min_by_key(|&i| st.retired[i].key.expires_at)
+                    .expect("not empty");
+                st.retired.swap_remove(i)
+            };
+            let id = oldest.key.handle.access_key_id.clone();
+            match self.provider.revoke(&oldest.key.handle).await {
+                Ok(()) => {
+                    self.counters.revokes.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(profile = %self.name, key_id = %id, limit, "revoked a retired key early to stay within the provider's key limit");
+                }
+                Err(e) => {
+                    self.counters
+                        .revoke_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.lock().retired.push(oldest);
+                    return Err(ProviderError::LimitReached(format!(
+                        "cannot make room under the {} key limit of {limit}: revoking {id} failed: {e}",
+                        self.provider.kind()
+                    )));
+                }
+            }
+        }
+    }
+
+    /// After a create refused at the limit: revokes the oldest key carrying the broker's tag
+    /// that is not the current key, or explains whose keys fill the budget.
+    async fn evict_own_oldest(&self, message: &str) -> Result<(), ProviderError> {
+        let keys = self.provider.list_keys().await.map_err(|e| {
+            ProviderError::LimitReached(format!(
+                "{message}; listing the keys to make room failed: {e}"
+            ))
+        })?;
+        let current = self
+            .current
+            .load()
+            .as_ref()
+            .map(|k| k.handle.access_key_id.clone());
+        let ours = |k: &&crate::provider::ListedKey| {
+            k.tag.as_deref().is_some_and(|t| t.starts_with(TAG_PREFIX))
+        };
+        let victim = keys
+            .iter()
+            .filter(ours)
+            .filter(|k| Some(&k.handle.access_key_id) != current.as_ref())
+            .min_by_key(|k| (k.created_at, k.expires_at));
+        let Some(victim) = victim else {
+            let foreign: Vec<&str> = keys
+                .iter()
+                .filter(|k| !ours(k))
+                .map(|k| k.handle.access_key_id.as_str())
+                .collect();
+            return Err(ProviderError::LimitReached(format!(
+                "{message}; {} of them not minted by keybroker ({}), which it never touches: delete one, or give keybroker an API user of its own",
+                foreign.len(),
+                foreign.join(", ")
+            )));
+        };
+        self.provider.revoke(&victim.handle).await.map_err(|e| {
+            ProviderError::LimitReached(format!(
+                "{message}; revoking keybroker's own oldest key {} to make room failed: {e}",
+                victim.handle.access_key_id
+            ))
+        })?;
+        self.counters.revokes.fetch_add(1, Ordering::Relaxed);
+        self.lock()
+            .retired
+            .retain(|r| r.key.handle.access_key_id != victim.handle.access_key_id);
+        tracing::info!(profile = %self.name, key_id = %victim.handle.access_key_id, "revoked keybroker's own oldest key to make room under the provider's key limit");
+        Ok(())
+    }
+
     async fn mint_once(&self) {
         let tag = self.new_tag();
         let kind = self.provider.kind();
         tracing::debug!(profile = %self.name, provider = %kind, %tag, "minting a key");
-        let result = self.provider.mint(&tag, self.policy.lifetime).await;
+        let result = self.mint_within_limit(&tag).await;
         let now = self.clock.now();
         let result = result.and_then(|key| {
             {
@@ -505,7 +602,7 @@ impl Slot {
             Err(e) => {
                 st.failures_in_row += 1;
                 let floor = e.retry_floor();
-                let delay = backoff(st.failures_in_row, jitter, floor);
+                let delay = retry_delay(&e, st.failures_in_row, jitter);
                 st.next_attempt = now + delay;
                 st.request_floor = now + floor;
                 self.counters.mint_failures.fetch_add(1, Ordering::Relaxed);

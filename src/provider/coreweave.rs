@@ -12,7 +12,9 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 
 use super::http::{retry_after, HttpClient, HttpResponse};
-use super::{brief, resolve_expiry, KeyHandle, MintedKey, Provider, ProviderError, ProviderKind};
+use super::{
+    brief, resolve_expiry, KeyHandle, ListedKey, MintedKey, Provider, ProviderError, ProviderKind,
+};
 use crate::clock::Clock;
 use crate::credentials::Secret;
 
@@ -184,6 +186,29 @@ impl Provider for CoreWeave {
         })
     }
 
+    async fn list_keys(&self) -> Result<Vec<ListedKey>, ProviderError> {
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(format!("{}/v1/cwobject/access-key", self.endpoint))
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", self.token.expose()),
+            )
+            .header(http::header::ACCEPT, "application/json")
+            .body(Bytes::new())
+            .map_err(|e| ProviderError::Rejected(format!("bad list request: {e}")))?;
+        let resp = self.http.send(req).await?;
+        if !resp.status.is_success() {
+            return Err(status_error("list access keys", &resp));
+        }
+        let body: serde_json::Value = serde_json::from_slice(&resp.body).map_err(|e| {
+            ProviderError::Malformed(format!(
+                "CoreWeave list access keys: unreadable answer: {e}"
+            ))
+        })?;
+        Ok(listed(&body))
+    }
+
     async fn revoke(&self, key: &KeyHandle) -> Result<(), ProviderError> {
         let resp = self
             .post(
@@ -198,6 +223,35 @@ impl Provider for CoreWeave {
             _ => Err(status_error("revoke access key", &resp)),
         }
     }
+}
+
+/// The keys of a list answer. Its wrapper field is unconfirmed (`reference/providers.md` §1), so
+/// the first array-valued top-level field is taken; revoked and expired keys are skipped.
+fn listed(body: &serde_json::Value) -> Vec<ListedKey> {
+    let items = body
+        .as_object()
+        .and_then(|o| o.values().find_map(|v| v.as_array()))
+        .cloned()
+        .unwrap_or_default();
+    items
+        .iter()
+        .filter(|k| !matches!(k["status"].as_str(), Some("DELETED" | "EXPIRED")))
+        .filter_map(|k| {
+            let id = k["accessKeyId"]
+                .as_str()
+                .or_else(|| k["accessKeyID"].as_str())?
+                .to_string();
+            Some(ListedKey {
+                handle: KeyHandle {
+                    access_key_id: id.clone(),
+                    revoke_handle: id,
+                },
+                tag: k["attributes"][TAG_ATTRIBUTE].as_str().map(str::to_string),
+                created_at: None,
+                expires_at: parse_expiry(k["expiry"].as_str()).ok().flatten(),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -216,6 +270,20 @@ mod tests {
             Some(datetime!(2024-01-01 09:15:01 UTC))
         );
         assert!(parse_expiry(Some("tomorrow")).is_err());
+    }
+
+    #[test]
+    fn lists_decode_defensively() {
+        let body = serde_json::json!({"accessKeyInfos": [
+            {"accessKeyId": "CWA", "status": "ACTIVE", "attributes": {"keybroker-lease": "keybroker-1"}, "expiry": "2024-01-01T09:15:01Z"},
+            {"accessKeyID": "CWB", "status": "ACTIVE"},
+            {"accessKeyId": "CWC", "status": "DELETED"},
+        ]});
+        let keys = listed(&body);
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys[0].tag.as_deref(), Some("keybroker-1"));
+        assert_eq!(keys[1].handle.access_key_id, "CWB");
+        assert!(listed(&serde_json::json!({"infos": []})).is_empty());
     }
 
     #[test]

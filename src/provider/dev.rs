@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use rand::distributions::{Alphanumeric, DistString};
 use time::OffsetDateTime;
 
-use super::{KeyHandle, MintedKey, Provider, ProviderError, ProviderKind};
+use super::{KeyHandle, ListedKey, MintedKey, Provider, ProviderError, ProviderKind};
 use crate::clock::Clock;
 use crate::credentials::Secret;
 
@@ -18,7 +18,7 @@ use crate::credentials::Secret;
 #[derive(Debug)]
 pub struct Dev {
     clock: Clock,
-    live: Mutex<HashMap<String, OffsetDateTime>>,
+    live: Mutex<HashMap<String, (OffsetDateTime, String)>>,
     revocations: AtomicU64,
 }
 
@@ -39,7 +39,7 @@ impl Dev {
             .lock()
             .expect("dev provider lock")
             .values()
-            .filter(|&&e| e > now)
+            .filter(|(e, _)| *e > now)
             .count()
     }
 
@@ -55,7 +55,7 @@ impl Provider for Dev {
         ProviderKind::Dev
     }
 
-    async fn mint(&self, _tag: &str, lifetime: Duration) -> Result<MintedKey, ProviderError> {
+    async fn mint(&self, tag: &str, lifetime: Duration) -> Result<MintedKey, ProviderError> {
         let mut rng = rand::thread_rng();
         let access_key_id = format!(
             "KBDEV{}",
@@ -66,7 +66,7 @@ impl Provider for Dev {
         self.live
             .lock()
             .expect("dev provider lock")
-            .insert(access_key_id.clone(), expires_at);
+            .insert(access_key_id.clone(), (expires_at, tag.to_string()));
         Ok(MintedKey {
             revoke_handle: access_key_id.clone(),
             access_key_id,
@@ -74,6 +74,26 @@ impl Provider for Dev {
             session_token: None,
             expires_at,
         })
+    }
+
+    async fn list_keys(&self) -> Result<Vec<ListedKey>, ProviderError> {
+        let now = self.clock.now();
+        Ok(self
+            .live
+            .lock()
+            .expect("dev provider lock")
+            .iter()
+            .filter(|(_, (expires, _))| *expires > now)
+            .map(|(id, (expires, tag))| ListedKey {
+                handle: KeyHandle {
+                    access_key_id: id.clone(),
+                    revoke_handle: id.clone(),
+                },
+                tag: Some(tag.clone()),
+                created_at: None,
+                expires_at: Some(*expires),
+            })
+            .collect())
     }
 
     async fn revoke(&self, key: &KeyHandle) -> Result<(), ProviderError> {

@@ -5,7 +5,9 @@
 //! the broker whether and when a retry can help.
 
 pub mod coreweave;
+pub mod crusoe;
 pub mod dev;
+pub mod glesys;
 pub mod http;
 
 use std::time::Duration;
@@ -149,11 +151,35 @@ pub struct KeyHandle {
     pub revoke_handle: String,
 }
 
+/// A key as the provider lists it: enough to recognise the broker's tag and revoke it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListedKey {
+    /// Id and revoke handle.
+    pub handle: KeyHandle,
+    /// The tag the key was created with (CoreWeave attribute, Crusoe alias, GleSYS description).
+    pub tag: Option<String>,
+    /// When it was created, if the provider says.
+    pub created_at: Option<OffsetDateTime>,
+    /// When it expires, if it does.
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+/// The prefix of every tag the broker puts on a key: `keybroker-<lease>`.
+pub const TAG_PREFIX: &str = "keybroker-";
+
 /// One provider account, as configured for one profile.
 #[async_trait]
 pub trait Provider: Send + Sync + 'static {
     /// Which API this is.
     fn kind(&self) -> ProviderKind;
+
+    /// How many keys the account may hold at once, if the provider limits it.
+    fn key_limit(&self) -> Option<usize> {
+        None
+    }
+
+    /// The account's live keys, with their tags.
+    async fn list_keys(&self) -> Result<Vec<ListedKey>, ProviderError>;
 
     /// Creates a key tagged with `tag` that lives for `lifetime`. Called once per attempt: create
     /// is not idempotent, so the caller never retries it blindly.
@@ -227,6 +253,38 @@ pub fn from_config(
                 client,
                 &profile.endpoint,
                 token.clone(),
+                clock.clone(),
+            ))
+        }
+        ProviderCredentials::Crusoe {
+            access_key_id,
+            secret,
+            org_id,
+        } => {
+            let client =
+                http::HttpClient::new(profile.ca_file.as_deref(), http::DEFAULT_CALL_TIMEOUT)?;
+            std::sync::Arc::new(crusoe::Crusoe::new(
+                client,
+                &profile.endpoint,
+                access_key_id,
+                secret.clone(),
+                org_id.clone(),
+                clock.clone(),
+            ))
+        }
+        ProviderCredentials::Glesys {
+            project,
+            api_key,
+            instance_id,
+        } => {
+            let client =
+                http::HttpClient::new(profile.ca_file.as_deref(), http::DEFAULT_CALL_TIMEOUT)?;
+            std::sync::Arc::new(glesys::Glesys::new(
+                client,
+                &profile.endpoint,
+                project,
+                api_key.clone(),
+                instance_id,
                 clock.clone(),
             ))
         }

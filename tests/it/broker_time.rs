@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use keybroker::broker::{Broker, ProfileSpec, RenewPolicy, ServeError, DEFAULT_MINT_WAIT};
 use keybroker::clock::{positive, Clock};
-use keybroker::credentials::Secret;
-use keybroker::provider::coreweave::CoreWeave;
-use keybroker::provider::http::HttpClient;
+use keybroker::provider::Provider;
 
 use crate::fake_cloud::{FakeCloud, Faults};
 
@@ -22,25 +20,17 @@ fn hour_policy() -> RenewPolicy {
     }
 }
 
-fn broker_for(
-    fake: &Arc<FakeCloud>,
-    token: &str,
+fn broker_with(
+    provider: Arc<dyn Provider>,
     clock: &Clock,
     policy: RenewPolicy,
     prewarm: bool,
     seed: u64,
 ) -> Broker {
-    let http = HttpClient::in_process(fake.handler(), Duration::from_secs(10));
-    let provider = CoreWeave::new(
-        http,
-        "http://fake.invalid",
-        Secret::new(token),
-        clock.clone(),
-    );
     Broker::start(
         vec![ProfileSpec {
             name: "p".into(),
-            provider: Arc::new(provider),
+            provider,
             policy,
             prewarm,
             revoke_on_shutdown: true,
@@ -51,48 +41,74 @@ fn broker_for(
     )
 }
 
-/// 24 simulated hours, a request every simulated minute: renewals come before `renew_before`,
-/// no served key has less than `min_remaining`, every retired key is revoked by its expiry, and
-/// the profile never holds more than 3 live keys. Stop leaves no key alive.
-#[tokio::test(start_paused = true)]
-async fn a_day_of_renewals_keeps_every_promise() {
+/// A broker for profile `p` of CoreWeave against `fake`, with the right token or a wrong one.
+fn broker_for(
+    fake: &Arc<FakeCloud>,
+    wrong_token: bool,
+    clock: &Clock,
+    policy: RenewPolicy,
+    prewarm: bool,
+    seed: u64,
+) -> Broker {
+    broker_with(
+        fake.provider("coreweave", clock, wrong_token),
+        clock,
+        policy,
+        prewarm,
+        seed,
+    )
+}
+
+/// 24 simulated hours of one provider, a request every simulated minute: renewals come before
+/// `renew_before`; every served key has at least `min_remaining` left and is live at the fake;
+/// every retired key is revoked by the end of its lease (for GleSYS the lease is the only
+/// expiry); the provider's key budget is respected; stop leaves no key alive.
+async fn a_day_of_renewals(provider: &str) {
     let clock = Clock::tokio();
     let fake = FakeCloud::new(clock.clone());
+    let latency = Duration::from_secs(2);
     fake.set_faults(Faults {
-        create_latency: Duration::from_secs(2),
+        create_latency: latency,
         ..Faults::default()
     });
     let policy = hour_policy();
-    let broker = broker_for(&fake, fake.token(), &clock, policy, true, 7);
+    let broker = broker_with(
+        fake.provider(provider, &clock, false),
+        &clock,
+        policy,
+        true,
+        7,
+    );
 
-    let mut served_ids = Vec::new();
+    let mut lease_end = std::collections::HashMap::new();
     let mut max_live = 0;
     for _ in 0..(24 * 60) {
         let key = broker.get("p").await.expect("a key every minute");
+        let id = key.handle.access_key_id.clone();
         let left = positive(key.expires_at - clock.now());
         assert!(
             left >= policy.min_remaining,
-            "served {} with only {left:?} left",
-            key.handle.access_key_id
+            "{provider}: served {id} with only {left:?} left"
         );
-        let at_fake = fake
-            .key(&key.handle.access_key_id)
-            .expect("served key exists at the fake");
+        let at_fake = fake.key(&id).expect("served key exists at the fake");
         assert!(
-            at_fake.revoked_at.is_none() && at_fake.expires_at > clock.now(),
-            "served key is live at the fake"
+            at_fake.revoked_at.is_none(),
+            "{provider}: served a revoked key"
         );
-        // The served Expiration is never later than the fake's real expiry.
-        assert!(key.expires_at <= at_fake.expires_at);
-        if served_ids.last() != Some(&key.handle.access_key_id) {
-            served_ids.push(key.handle.access_key_id.clone());
+        if let Some(expiry) = at_fake.expires_at {
+            assert!(
+                expiry > clock.now() && key.expires_at <= expiry,
+                "{provider}: served Expiration beyond the real one"
+            );
         }
+        lease_end.insert(id, key.expires_at);
         max_live = max_live.max(fake.live().len());
         tokio::time::sleep(MIN).await;
     }
+    let budget = if provider == "crusoe" { 2 } else { 3 };
     assert!(
-        max_live <= 3 && fake.peak_live() <= 3,
-        "live keys peaked at {max_live}/{}",
+        max_live <= budget && fake.peak_live() <= budget,
+        "{provider}: live keys peaked at {max_live}/{}",
         fake.peak_live()
     );
 
@@ -100,10 +116,10 @@ async fn a_day_of_renewals_keeps_every_promise() {
     let report = broker
         .stop(tokio::time::Instant::now() + Duration::from_secs(20))
         .await;
-    assert!(report.unrevoked.is_empty(), "{report:?}");
+    assert!(report.unrevoked.is_empty(), "{provider}: {report:?}");
     assert!(
         fake.live().is_empty(),
-        "keys alive after stop: {:?}",
+        "{provider}: keys alive after stop: {:?}",
         fake.live()
     );
 
@@ -111,45 +127,64 @@ async fn a_day_of_renewals_keeps_every_promise() {
     // A renewal about every 27-30 minutes: roughly 48-54 keys in a day.
     assert!(
         (48..=56).contains(&keys.len()),
-        "{} keys minted in 24h",
+        "{provider}: {} keys minted in 24h",
         keys.len()
     );
     assert_eq!(
         fake.calls("create") as usize,
         keys.len(),
-        "no failed or duplicate creates"
+        "{provider}: no failed or duplicate creates"
     );
-    assert!(
-        served_ids.len() >= keys.len() - 1,
-        "requests saw the renewed keys"
+    assert_eq!(
+        lease_end.len(),
+        keys.len(),
+        "{provider}: every key minted was served"
     );
     for pair in keys.windows(2) {
         let (old, new) = (&pair[0], &pair[1]);
-        // The successor was requested before the old key got down to renew_before (the fake's
-        // create latency is inside the window: the request went out earlier still).
+        let old_end = lease_end[&old.id];
+        // The successor was requested (the fake creates keys `latency` after a request
+        // arrives) before the old key got down to renew_before.
         assert!(
-            new.created <= old.expires_at - policy.renew_before,
-            "key {} renewed at {} with less than renew_before left (expires {})",
+            new.created - latency <= old_end - policy.renew_before,
+            "{provider}: key {} renewed at {} with less than renew_before left (lease ends {old_end})",
             old.id,
-            new.created,
-            old.expires_at
+            new.created
         );
-        // Every retired key is revoked: no later than its expiry (tokio timers fire on the
+        // Every retired key is revoked: no later than its lease end (tokio timers fire on the
         // next millisecond tick, hence the millisecond of slack), or at stop if still valid then.
         let revoked = old
             .revoked_at
-            .unwrap_or_else(|| panic!("retired key {} never revoked", old.id));
-        if old.expires_at <= end {
+            .unwrap_or_else(|| panic!("{provider}: retired key {} never revoked", old.id));
+        if old_end <= end {
             assert!(
-                revoked <= old.expires_at + Duration::from_millis(1),
-                "key {} revoked at {revoked}, after its expiry {}",
-                old.id,
-                old.expires_at
+                revoked <= old_end + Duration::from_millis(1),
+                "{provider}: key {} revoked at {revoked}, after its lease end {old_end}",
+                old.id
             );
         } else {
-            assert!(revoked >= end, "key {} revoked early, at {revoked}", old.id);
+            assert!(
+                revoked >= end,
+                "{provider}: key {} revoked early, at {revoked}",
+                old.id
+            );
         }
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_day_of_renewals_coreweave() {
+    a_day_of_renewals("coreweave").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_day_of_renewals_crusoe_within_two_keys() {
+    a_day_of_renewals("crusoe").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_day_of_renewals_glesys_deletes_at_lease_end() {
+    a_day_of_renewals("glesys").await;
 }
 
 /// When renewal fails, the last key is served (degraded) until the floor before its expiry,
@@ -159,7 +194,7 @@ async fn degraded_then_unavailable_then_recovered() {
     let clock = Clock::tokio();
     let fake = FakeCloud::new(clock.clone());
     let policy = hour_policy();
-    let broker = broker_for(&fake, fake.token(), &clock, policy, true, 11);
+    let broker = broker_for(&fake, false, &clock, policy, true, 11);
     let first = broker.get("p").await.unwrap();
     fake.set_faults(Faults {
         create_status: Some((503, "backend unavailable".into())),
@@ -223,7 +258,7 @@ async fn rate_limit_retry_after_is_honoured() {
         retry_after: Some(30),
         ..Faults::default()
     });
-    let broker = broker_for(&fake, fake.token(), &clock, hour_policy(), true, 3);
+    let broker = broker_for(&fake, false, &clock, hour_policy(), true, 3);
     match broker.get("p").await {
         Err(ServeError::Unavailable(u)) => {
             assert!(u.retry_after >= Duration::from_secs(29), "{u:?}")
@@ -256,7 +291,7 @@ async fn unserveable_answers_are_errors_not_keys() {
         malformed_create: true,
         ..Faults::default()
     });
-    let broker = broker_for(&fake, fake.token(), &clock, hour_policy(), false, 5);
+    let broker = broker_for(&fake, false, &clock, hour_policy(), false, 5);
     match broker.get("p").await {
         Err(ServeError::Unavailable(u)) => {
             assert!(u.message.contains("unreadable answer"), "{u:?}")
@@ -293,7 +328,7 @@ async fn unserveable_answers_are_errors_not_keys() {
 async fn a_rejected_token_is_reported_without_a_retry_storm() {
     let clock = Clock::tokio();
     let fake = FakeCloud::new(clock.clone());
-    let broker = broker_for(&fake, "wrong-token", &clock, hour_policy(), true, 1);
+    let broker = broker_for(&fake, true, &clock, hour_policy(), true, 1);
     for _ in 0..100 {
         match broker.get("p").await {
             Err(ServeError::Unavailable(u)) => {
@@ -314,6 +349,131 @@ async fn a_rejected_token_is_reported_without_a_retry_storm() {
     // Ten simulated seconds of requests every 100 ms: a handful of attempts, not a hundred.
     let attempts = fake.calls("unauthorized");
     assert!((1..=3).contains(&attempts), "{attempts} attempts");
+    broker
+        .stop(tokio::time::Instant::now() + Duration::from_secs(20))
+        .await;
+    assert!(fake.live().is_empty());
+}
+
+/// A key someone else made sits in the Crusoe user's two-key budget: keybroker never deletes
+/// it, serves its own key while it can, and says in status and errors what blocks renewal,
+/// without hammering the API.
+#[tokio::test(start_paused = true)]
+async fn a_third_party_crusoe_key_is_never_touched_and_is_reported() {
+    let clock = Clock::tokio();
+    let fake = FakeCloud::new(clock.clone());
+    let foreign = fake.add_crusoe_key("ci-pipeline-key", true);
+    let policy = hour_policy();
+    let broker = broker_with(
+        fake.provider("crusoe", &clock, false),
+        &clock,
+        policy,
+        true,
+        21,
+    );
+    let first = broker
+        .get("p")
+        .await
+        .expect("one key fits beside the foreign one");
+
+    // Past the renewal point: renewal needs a second key of ours, and there is no room.
+    tokio::time::sleep(positive(first.expires_at - clock.now()) - policy.renew_before + 20 * MIN)
+        .await;
+    let creates_before = fake.calls("create");
+    let served = broker
+        .get("p")
+        .await
+        .expect("the current key is still served");
+    assert_eq!(served.handle, first.handle);
+    let status = &broker.status()[0].2;
+    let error = status.last_error.as_deref().unwrap_or_default();
+    assert!(
+        error.contains("not minted by keybroker")
+            && error.contains(&foreign)
+            && error.contains("maximum of 2"),
+        "{error}"
+    );
+    assert_eq!(status.state, "degraded");
+    // Twenty minutes of failed renewals cost a bounded number of calls (backoff up to 60 s).
+    assert!(
+        creates_before <= 30,
+        "{creates_before} creates in 20 minutes"
+    );
+    assert!(
+        fake.key(&foreign).unwrap().revoked_at.is_none(),
+        "the foreign key was revoked"
+    );
+
+    broker
+        .stop(tokio::time::Instant::now() + Duration::from_secs(20))
+        .await;
+    assert!(
+        fake.live().is_empty(),
+        "keybroker's own keys are revoked at stop"
+    );
+    assert!(
+        fake.key(&foreign).unwrap().revoked_at.is_none(),
+        "the foreign key survives stop"
+    );
+}
+
+/// Keys keybroker tagged in an earlier life fill the budget: a create refused at the limit is
+/// answered by evicting keybroker's own oldest key and retrying once.
+#[tokio::test(start_paused = true)]
+async fn leftover_keybroker_keys_are_evicted_to_make_room() {
+    let clock = Clock::tokio();
+    let fake = FakeCloud::new(clock.clone());
+    let oldest = fake.add_crusoe_key("keybroker-leftover-1", false);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let newer = fake.add_crusoe_key("keybroker-leftover-2", false);
+    let broker = broker_with(
+        fake.provider("crusoe", &clock, false),
+        &clock,
+        hour_policy(),
+        true,
+        22,
+    );
+    let key = broker.get("p").await.expect("room was made");
+    assert!(
+        fake.key(&oldest).unwrap().revoked_at.is_some(),
+        "the oldest leftover was evicted"
+    );
+    assert!(fake.key(&newer).unwrap().revoked_at.is_none());
+    assert!(fake.calls("limit") >= 1 && fake.calls("list") >= 1);
+    assert_ne!(key.handle.access_key_id, newer);
+    broker
+        .stop(tokio::time::Instant::now() + Duration::from_secs(20))
+        .await;
+    assert!(
+        fake.live().iter().all(|k| k.id == newer),
+        "only the untracked leftover may remain: {:?}",
+        fake.live()
+    );
+}
+
+/// A Crusoe key that sees several organizations needs org_id; the error lists them.
+#[tokio::test(start_paused = true)]
+async fn crusoe_org_discovery_needs_exactly_one_org() {
+    let clock = Clock::tokio();
+    let fake = FakeCloud::new(clock.clone());
+    fake.set_extra_orgs(1);
+    let broker = broker_with(
+        fake.provider("crusoe", &clock, false),
+        &clock,
+        hour_policy(),
+        true,
+        23,
+    );
+    match broker.get("p").await {
+        Err(ServeError::Unavailable(u)) => {
+            assert!(
+                u.message.contains("sees 2 organizations") && u.message.contains("set org_id"),
+                "{u:?}"
+            );
+            assert!(u.message.contains(fake.crusoe_org()), "{u:?}");
+        }
+        other => panic!("expected 503, got {other:?}"),
+    }
     broker
         .stop(tokio::time::Instant::now() + Duration::from_secs(20))
         .await;

@@ -1,41 +1,74 @@
-//! A fake CoreWeave object-storage API (`reference/providers.md` §1): checks the bearer token,
-//! keeps every key it minted with its expiry and revocation, counts calls, and injects
+//! A fake cloud that speaks the three providers' object-storage key APIs
+//! (`reference/providers.md`) on one router, told apart by path:
+//! - CoreWeave `/v1/cwobject/...`: bearer token checked;
+//! - Crusoe `/v1alpha5/organizations/...`: v1.0 signatures verified (by this file's own
+//!   implementation, not the provider's), organizations, the two-keys-per-user limit, and
+//!   third-party keys that count against it;
+//! - GleSYS `/objectstorage/...`: Basic auth, the `response.status` envelope, one instance.
+//!
+//! It keeps every key it minted with its expiry and revocation, counts calls, and injects
 //! latency, errors, hangs and malformed answers. Reachable over loopback HTTP (for the real
-//! binary) or in process (for paused-time tests).
+//! binary) or in process (for paused-time tests). Mirrored into moto, its keys are real S3 keys.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use keybroker::clock::Clock;
-use keybroker::provider::http::InProcessHandler;
-
-use crate::moto::Moto;
+use keybroker::credentials::Secret;
+use keybroker::provider::http::{HttpClient, InProcessHandler};
+use keybroker::provider::{coreweave::CoreWeave, crusoe::Crusoe, glesys::Glesys, Provider};
 use rand::distributions::{Alphanumeric, DistString};
+use rand::RngCore;
 use serde_json::{json, Value};
+use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-/// A key the fake minted.
+use crate::harness::Env;
+use crate::moto::Moto;
+
+/// The providers the fake speaks, by config name.
+pub const PROVIDERS: [&str; 3] = ["coreweave", "crusoe", "glesys"];
+
+const CRUSOE_LIMIT: usize = 2;
+const GLESYS_PROJECT: &str = "CL12345";
+const GLESYS_INSTANCE: &str = "os-ab123";
+
+/// A key the fake minted (or was given as a third party's).
 #[derive(Clone, Debug)]
 pub struct FakeKey {
+    pub provider: &'static str,
     pub id: String,
+    /// GleSYS deletes by credential id; the others by key id.
+    pub handle: String,
     pub secret: String,
     pub tag: Option<String>,
     pub created: OffsetDateTime,
-    pub expires_at: OffsetDateTime,
+    /// `None`: never expires (GleSYS, or a Crusoe key made without `expire_at`).
+    pub expires_at: Option<OffsetDateTime>,
     pub revoked_at: Option<OffsetDateTime>,
+    /// Made by the test as someone else's key, not through the API.
+    pub foreign: bool,
     /// The IAM user holding this key in moto, when the fake mirrors into moto.
     pub iam_user: Option<String>,
+}
+
+impl FakeKey {
+    fn live_at(&self, now: OffsetDateTime) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|e| e > now)
+    }
 }
 
 /// Faults to inject.
 #[derive(Clone, Debug, Default)]
 pub struct Faults {
-    /// Answer creates with this status (and body) instead of minting.
+    /// Answer creates with this status (and message) instead of minting.
     pub create_status: Option<(u16, String)>,
     /// Retry-After sent with `create_status`.
     pub retry_after: Option<u64>,
@@ -45,7 +78,7 @@ pub struct Faults {
     pub hang_revokes: bool,
     /// Answer creates with 200 and an unparseable body (after minting nothing).
     pub malformed_create: bool,
-    /// Mint normally but report this `expiry` (e.g. a "never expires" sentinel).
+    /// Mint normally but report this expiry (e.g. a "never expires" sentinel).
     pub expiry_override: Option<String>,
 }
 
@@ -54,16 +87,44 @@ struct State {
     keys: BTreeMap<String, FakeKey>,
     calls: BTreeMap<&'static str, u64>,
     faults: Faults,
-    /// Highest number of simultaneously live keys seen at any create.
-    peak_live: usize,
+    /// Highest number of simultaneously live keys per provider, seen at each create.
+    peak_live: BTreeMap<&'static str, usize>,
+    /// Organizations the Crusoe key sees besides its own.
+    extra_orgs: usize,
 }
 
 pub struct FakeCloud {
     clock: Clock,
-    token: String,
+    coreweave_token: String,
+    crusoe_key_id: String,
+    crusoe_secret: String,
+    crusoe_org: String,
+    glesys_api_key: String,
     state: Mutex<State>,
     /// Where keys really live, for the end-to-end tests: moto's IAM.
     mirror: Option<Arc<Moto>>,
+}
+
+fn random(n: usize) -> String {
+    Alphanumeric.sample_string(&mut rand::thread_rng(), n)
+}
+
+fn uuid() -> String {
+    let mut b = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut b);
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap()
 }
 
 impl FakeCloud {
@@ -87,44 +148,27 @@ impl FakeCloud {
     }
 
     fn build(clock: Clock, mirror: Option<Arc<Moto>>) -> Arc<Self> {
+        let mut secret = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut secret);
         Arc::new(FakeCloud {
             clock,
-            token: format!(
-                "cwtoken-{}",
-                Alphanumeric.sample_string(&mut rand::thread_rng(), 24)
-            ),
+            coreweave_token: format!("cwtoken-{}", random(24)),
+            crusoe_key_id: format!("CRUSOEKEY{}", random(11).to_uppercase()),
+            crusoe_secret: URL_SAFE_NO_PAD.encode(secret),
+            crusoe_org: uuid(),
+            glesys_api_key: format!("glesys-{}", random(32)),
             state: Mutex::new(State::default()),
             mirror,
         })
     }
 
-    /// Deletes expired keys from moto, as the real provider's expiry would.
-    async fn reap_expired(&self) {
-        let now = self.clock.now();
-        let expired: Vec<(String, String)> = {
-            let mut st = self.lock();
-            st.keys
-                .values_mut()
-                .filter(|k| k.revoked_at.is_none() && k.expires_at <= now)
-                .filter_map(|k| k.iam_user.take().map(|u| (u, k.id.clone())))
-                .collect()
-        };
-        for (user, id) in expired {
-            self.unmirror(user, id).await;
-        }
-    }
-
-    async fn unmirror(&self, user: String, id: String) {
-        if let Some(moto) = self.mirror.clone() {
-            tokio::task::spawn_blocking(move || moto.delete_key(&user, &id))
-                .await
-                .unwrap();
-        }
-    }
-
-    /// The API token the fake accepts.
+    /// The CoreWeave API token the fake accepts.
     pub fn token(&self) -> &str {
-        &self.token
+        &self.coreweave_token
+    }
+
+    pub fn crusoe_org(&self) -> &str {
+        &self.crusoe_org
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -139,28 +183,45 @@ impl FakeCloud {
         self.lock().faults.clone()
     }
 
+    /// Makes the Crusoe key see `n` more organizations than its own.
+    pub fn set_extra_orgs(&self, n: usize) {
+        self.lock().extra_orgs = n;
+    }
+
     pub fn calls(&self, what: &str) -> u64 {
         self.lock().calls.get(what).copied().unwrap_or(0)
     }
 
-    /// Keys not revoked and not expired now.
+    /// Every call the fake answered, however it answered.
+    pub fn total_calls(&self) -> u64 {
+        self.lock().calls.values().sum()
+    }
+
+    /// Keys not revoked and not expired now, third parties' excluded.
     pub fn live(&self) -> Vec<FakeKey> {
         let now = self.clock.now();
         self.lock()
             .keys
             .values()
-            .filter(|k| k.revoked_at.is_none() && k.expires_at > now)
+            .filter(|k| !k.foreign && k.live_at(now))
             .cloned()
             .collect()
     }
 
+    /// The most keys of one provider alive at once (third parties' included), seen at creates.
     pub fn peak_live(&self) -> usize {
-        self.lock().peak_live
+        self.lock().peak_live.values().copied().max().unwrap_or(0)
     }
 
-    /// Every key ever minted, oldest first.
+    /// Every key ever minted through the API, oldest first.
     pub fn keys(&self) -> Vec<FakeKey> {
-        let mut keys: Vec<FakeKey> = self.lock().keys.values().cloned().collect();
+        let mut keys: Vec<FakeKey> = self
+            .lock()
+            .keys
+            .values()
+            .filter(|k| !k.foreign)
+            .cloned()
+            .collect();
         keys.sort_by_key(|k| k.created);
         keys
     }
@@ -169,7 +230,7 @@ impl FakeCloud {
         self.lock().keys.get(id).cloned()
     }
 
-    /// Every secret the fake has handed out or accepts: minted secrets and the API token.
+    /// Every secret the fake has handed out or accepts.
     pub fn secrets(&self) -> Vec<String> {
         let mut s: Vec<String> = self
             .lock()
@@ -177,8 +238,135 @@ impl FakeCloud {
             .values()
             .map(|k| k.secret.clone())
             .collect();
-        s.push(self.token.clone());
+        s.extend([
+            self.coreweave_token.clone(),
+            self.crusoe_secret.clone(),
+            self.glesys_api_key.clone(),
+        ]);
         s
+    }
+
+    /// Puts a key into the Crusoe user's budget as if someone else had made it; returns its id.
+    pub fn add_crusoe_key(&self, alias: &str, foreign: bool) -> String {
+        let now = self.clock.now();
+        let id = format!("CKIA{}", random(16).to_uppercase());
+        let key = FakeKey {
+            provider: "crusoe",
+            id: id.clone(),
+            handle: id.clone(),
+            secret: random(40),
+            tag: Some(alias.to_string()),
+            created: now - Duration::from_secs(3600),
+            expires_at: None,
+            revoked_at: None,
+            foreign,
+            iam_user: None,
+        };
+        self.lock().keys.insert(id.clone(), key);
+        id
+    }
+
+    /// A provider of kind `provider` for this fake's account, answered in process.
+    pub fn provider(
+        self: &Arc<Self>,
+        provider: &str,
+        clock: &Clock,
+        wrong_secret: bool,
+    ) -> Arc<dyn Provider> {
+        let http = HttpClient::in_process(self.handler(), Duration::from_secs(10));
+        let endpoint = "http://fake.invalid";
+        let pick = |right: &str, wrong: &str| {
+            if wrong_secret {
+                wrong.to_string()
+            } else {
+                right.to_string()
+            }
+        };
+        match provider {
+            "coreweave" => Arc::new(CoreWeave::new(
+                http,
+                endpoint,
+                Secret::new(pick(&self.coreweave_token, "wrong-token")),
+                clock.clone(),
+            )),
+            "crusoe" => Arc::new(Crusoe::new(
+                http,
+                &format!("{endpoint}/v1alpha5"),
+                &self.crusoe_key_id,
+                Secret::new(pick(&self.crusoe_secret, "d3Jvbmctc2VjcmV0")),
+                None,
+                clock.clone(),
+            )),
+            "glesys" => Arc::new(Glesys::new(
+                http,
+                endpoint,
+                GLESYS_PROJECT,
+                Secret::new(pick(&self.glesys_api_key, "wrong-api-key")),
+                GLESYS_INSTANCE,
+                clock.clone(),
+            )),
+            other => panic!("the fake does not speak {other}"),
+        }
+    }
+
+    /// A `[profiles.NAME]` table for `provider` against the fake at `url`, writing the secret
+    /// files into `env`. `extra` is appended inside the table.
+    pub fn profile_toml(
+        &self,
+        provider: &str,
+        name: &str,
+        url: &str,
+        env: &Env,
+        extra: &str,
+    ) -> String {
+        let head = format!("[profiles.{name}]\nprovider = \"{provider}\"\n");
+        let body = match provider {
+            "coreweave" => {
+                let f = env.secret_file(&format!("{name}-cw-token"), &self.coreweave_token);
+                format!("endpoint = \"{url}\"\ntoken_file = \"{}\"\n", f.display())
+            }
+            "crusoe" => {
+                let f = env.secret_file(&format!("{name}-crusoe-secret"), &self.crusoe_secret);
+                format!(
+                    "endpoint = \"{url}/v1alpha5\"\naccess_key_id = \"{}\"\nsecret_key_file = \"{}\"\n",
+                    self.crusoe_key_id,
+                    f.display()
+                )
+            }
+            "glesys" => {
+                let f = env.secret_file(&format!("{name}-glesys-key"), &self.glesys_api_key);
+                format!(
+                    "endpoint = \"{url}\"\nproject = \"{GLESYS_PROJECT}\"\napi_key_file = \"{}\"\ninstance_id = \"{GLESYS_INSTANCE}\"\n",
+                    f.display()
+                )
+            }
+            other => panic!("the fake does not speak {other}"),
+        };
+        format!("{head}{body}{extra}\n")
+    }
+
+    /// Deletes expired keys from moto, as the real provider's expiry would.
+    async fn reap_expired(&self) {
+        let now = self.clock.now();
+        let expired: Vec<(String, String)> = {
+            let mut st = self.lock();
+            st.keys
+                .values_mut()
+                .filter(|k| k.revoked_at.is_none() && k.expires_at.is_some_and(|e| e <= now))
+                .filter_map(|k| k.iam_user.take().map(|u| (u, k.id.clone())))
+                .collect()
+        };
+        for (user, id) in expired {
+            self.unmirror(user, id).await;
+        }
+    }
+
+    async fn unmirror(&self, user: String, id: String) {
+        if let Some(moto) = self.mirror.clone() {
+            tokio::task::spawn_blocking(move || moto.delete_key(&user, &id))
+                .await
+                .unwrap();
+        }
     }
 
     /// The router, callable without a socket.
@@ -265,166 +453,425 @@ impl FakeCloud {
     }
 
     async fn route(&self, req: Request<Bytes>) -> Response<Bytes> {
-        let auth_ok = req
-            .headers()
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v == format!("Bearer {}", self.token));
+        let path = req.uri().path().to_string();
+        if path.starts_with("/v1/cwobject/") {
+            self.coreweave(req).await
+        } else if let Some(rest) = path.strip_prefix("/v1alpha5") {
+            self.crusoe(&req, rest.to_string()).await
+        } else if let Some(function) = path.strip_prefix("/objectstorage/") {
+            self.glesys(&req, function.to_string()).await
+        } else {
+            reply(StatusCode::NOT_FOUND, json!({"message": "no such path"}))
+        }
+    }
+
+    // ---- CoreWeave -------------------------------------------------------------------------
+
+    async fn coreweave(&self, req: Request<Bytes>) -> Response<Bytes> {
+        let err = |status: StatusCode, code: u16, message: &str| {
+            reply(status, json!({"code": code, "message": message}))
+        };
+        let auth_ok =
+            header(&req, "authorization") == Some(format!("Bearer {}", self.coreweave_token));
         if !auth_ok {
             self.count("unauthorized");
-            return reply(
+            return err(
                 StatusCode::UNAUTHORIZED,
-                json!({"code": 16, "message": "unauthenticated: invalid API access token"}),
+                16,
+                "unauthenticated: invalid API access token",
             );
         }
         let body: Value = serde_json::from_slice(req.body()).unwrap_or(Value::Null);
         match (req.method(), req.uri().path()) {
-            (&Method::POST, "/v1/cwobject/access-key") => self.create(body).await,
-            (&Method::POST, "/v1/cwobject/revoke-access-key/access-key") => self.revoke(body).await,
+            (&Method::POST, "/v1/cwobject/access-key") => {
+                let Some(seconds) = body["durationSeconds"].as_u64() else {
+                    return err(StatusCode::BAD_REQUEST, 3, "duration required");
+                };
+                if seconds == 0 || seconds > 43_200 {
+                    return err(
+                        StatusCode::BAD_REQUEST,
+                        3,
+                        "durationSeconds must be in 1..43200 for this test fake",
+                    );
+                }
+                let tag = body["attributes"]["keybroker-lease"]
+                    .as_str()
+                    .map(str::to_string);
+                let key = match self
+                    .create(
+                        "coreweave",
+                        tag,
+                        Some(Duration::from_secs(seconds)),
+                        |s, m| err(s, 14, m),
+                    )
+                    .await
+                {
+                    Ok(k) => k,
+                    Err(resp) => return resp,
+                };
+                let expiry = self
+                    .faults()
+                    .expiry_override
+                    .unwrap_or_else(|| rfc3339(key.expires_at.unwrap()));
+                reply(
+                    StatusCode::OK,
+                    json!({
+                        "accessKeyId": key.id, "secretKey": key.secret, "principalName": "coreweave/fake-token-id",
+                        "expiry": expiry, "attributes": body["attributes"],
+                    }),
+                )
+            }
+            (&Method::POST, "/v1/cwobject/revoke-access-key/access-key") => {
+                let Some(id) = body["accessKey"].as_str() else {
+                    return err(StatusCode::BAD_REQUEST, 3, "accessKey required");
+                };
+                match self.revoke("coreweave", id).await {
+                    true => reply(StatusCode::OK, json!({})),
+                    false => err(StatusCode::NOT_FOUND, 5, "access key not found"),
+                }
+            }
             (&Method::GET, "/v1/cwobject/access-key") => {
                 self.count("list");
                 let infos: Vec<Value> = self
-                    .live()
+                    .live_of("coreweave")
                     .iter()
-                    .map(|k| json!({"accessKeyId": k.id, "status": "ACTIVE", "attributes": {"keybroker-lease": k.tag}, "expiry": rfc3339(k.expires_at)}))
+                    .map(|k| json!({"accessKeyId": k.id, "status": "ACTIVE", "attributes": {"keybroker-lease": k.tag}, "expiry": k.expires_at.map(rfc3339)}))
                     .collect();
                 reply(StatusCode::OK, json!({ "accessKeyInfos": infos }))
             }
-            _ => reply(
-                StatusCode::NOT_FOUND,
-                json!({"code": 5, "message": "no such method"}),
-            ),
+            _ => err(StatusCode::NOT_FOUND, 5, "no such method"),
         }
     }
 
-    async fn create(&self, body: Value) -> Response<Bytes> {
+    // ---- Crusoe ----------------------------------------------------------------------------
+
+    /// Verifies signature version 1.0 as `reference/providers.md` §2 describes it.
+    fn crusoe_signature_ok(&self, req: &Request<Bytes>) -> bool {
+        let Some(ts) = header(req, "x-crusoe-timestamp") else {
+            return false;
+        };
+        let Some(auth) = header(req, "authorization") else {
+            return false;
+        };
+        let Some(rest) = auth.strip_prefix("Bearer 1.0:") else {
+            return false;
+        };
+        let Some((key_id, sig)) = rest.split_once(':') else {
+            return false;
+        };
+        if key_id != self.crusoe_key_id {
+            return false;
+        }
+        let mut pairs: Vec<(&str, &str)> = req
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| p.split_once('=').unwrap_or((p, "")))
+            .collect();
+        pairs.sort_by_key(|(k, _)| *k);
+        let query: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let payload = format!(
+            "{}\n{}\n{}\n{ts}\n",
+            req.uri().path(),
+            query.join("&"),
+            req.method().as_str()
+        );
+        let key = ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            &URL_SAFE_NO_PAD.decode(&self.crusoe_secret).unwrap(),
+        );
+        URL_SAFE_NO_PAD
+            .decode(sig)
+            .is_ok_and(|sig| ring::hmac::verify(&key, payload.as_bytes(), &sig).is_ok())
+    }
+
+    async fn crusoe(&self, req: &Request<Bytes>, path: String) -> Response<Bytes> {
+        let err = |status: StatusCode, code: &str, message: &str| {
+            reply(status, json!({"code": code, "message": message}))
+        };
+        if !self.crusoe_signature_ok(req) {
+            self.count("unauthorized");
+            return err(StatusCode::UNAUTHORIZED, "401", "bad_credential");
+        }
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        match (req.method(), segments.as_slice()) {
+            (&Method::GET, ["organizations", "entities"]) => {
+                self.count("entities");
+                let mut items = vec![
+                    json!({"id": self.crusoe_org, "name": "keybroker-tests", "relation": "member"}),
+                ];
+                for i in 0..self.lock().extra_orgs {
+                    items.push(
+                        json!({"id": uuid(), "name": format!("other-{i}"), "relation": "member"}),
+                    );
+                }
+                reply(StatusCode::OK, json!({ "items": items }))
+            }
+            (_, ["organizations", org, "storage", "s3", "keys", ..]) if *org != self.crusoe_org => {
+                err(
+                    StatusCode::FORBIDDEN,
+                    "unauthorized",
+                    &format!("user is not a member of organization {org}"),
+                )
+            }
+            (&Method::POST, [_, _, _, _, "keys"]) => {
+                let body: Value = serde_json::from_slice(req.body()).unwrap_or(Value::Null);
+                let now = self.clock.now();
+                let lifetime = body["expire_at"]
+                    .as_str()
+                    .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok())
+                    .map(|t| positive(t - now));
+                let live = {
+                    let st = self.lock();
+                    st.keys
+                        .values()
+                        .filter(|k| k.provider == "crusoe" && k.live_at(now))
+                        .count()
+                };
+                if live >= CRUSOE_LIMIT {
+                    self.count("create");
+                    self.count("limit");
+                    return err(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        "user has reached the maximum of 2 S3 keys",
+                    );
+                }
+                let tag = body["alias"].as_str().map(str::to_string);
+                let key = match self
+                    .create("crusoe", tag, lifetime, |s, m| err(s, "internal_error", m))
+                    .await
+                {
+                    Ok(k) => k,
+                    Err(resp) => return resp,
+                };
+                let expire_at = self.faults().expiry_override.unwrap_or_else(|| {
+                    key.expires_at
+                        .map(rfc3339)
+                        .unwrap_or_else(|| "1970-01-01T00:00:00Z".into())
+                });
+                reply(
+                    StatusCode::OK,
+                    json!({"access_key_id": key.id, "secret_key": key.secret, "expire_at": expire_at}),
+                )
+            }
+            (&Method::GET, [_, _, _, _, "keys"]) => {
+                self.count("list");
+                let items: Vec<Value> = self
+                    .live_of("crusoe")
+                    .iter()
+                    .map(|k| json!({
+                        "key_uuid": uuid(), "access_key_id": k.id, "alias": k.tag, "status": "enabled",
+                        "created_at": rfc3339(k.created),
+                        "expire_at": k.expires_at.map(rfc3339).unwrap_or_else(|| "1970-01-01T00:00:00Z".into()),
+                        "user_id": "e7bed65d-e918-4fab-921c-03b8db94aa7b",
+                    }))
+                    .collect();
+                reply(StatusCode::OK, json!({ "items": items }))
+            }
+            (&Method::DELETE, [_, _, _, _, "keys", id]) => match self.revoke("crusoe", id).await {
+                true => Response::builder().status(204).body(Bytes::new()).unwrap(),
+                false => err(StatusCode::NOT_FOUND, "not_found", "key not found"),
+            },
+            _ => err(StatusCode::NOT_FOUND, "not_found", "no such path"),
+        }
+    }
+
+    // ---- GleSYS ----------------------------------------------------------------------------
+
+    async fn glesys(&self, req: &Request<Bytes>, function: String) -> Response<Bytes> {
+        let err = |status: StatusCode, text: &str| {
+            reply(
+                status,
+                json!({"response": {"status": {"code": status.as_u16(), "text": text}}}),
+            )
+        };
+        let expected = format!(
+            "Basic {}",
+            STANDARD.encode(format!("{GLESYS_PROJECT}:{}", self.glesys_api_key))
+        );
+        if header(req, "authorization") != Some(expected) {
+            self.count("unauthorized");
+            return err(StatusCode::UNAUTHORIZED, "Unauthorized");
+        }
+        let body: Value = serde_json::from_slice(req.body()).unwrap_or(Value::Null);
+        let instance = body["instanceid"].as_str().unwrap_or_default();
+        if instance != GLESYS_INSTANCE {
+            return err(
+                StatusCode::NOT_FOUND,
+                &format!("Object storage instance not found: {instance}"),
+            );
+        }
+        let ok = |extra: Value| {
+            let mut response = json!({"status": {"code": 200, "timestamp": rfc3339(self.clock.now()), "text": "OK"}});
+            if let (Some(r), Some(e)) = (response.as_object_mut(), extra.as_object()) {
+                r.extend(e.clone());
+            }
+            reply(StatusCode::OK, json!({ "response": response }))
+        };
+        let credential = |k: &FakeKey, with_secret: bool| {
+            let mut c = json!({"id": k.handle, "accesskey": k.id, "description": k.tag, "created": rfc3339(k.created)});
+            if with_secret {
+                c["secretkey"] = k.secret.clone().into();
+            }
+            c
+        };
+        match function.as_str() {
+            "createcredential" => {
+                let tag = body["description"].as_str().map(str::to_string);
+                match self.create("glesys", tag, None, err).await {
+                    Ok(k) => ok(json!({ "credential": credential(&k, true) })),
+                    Err(resp) => resp,
+                }
+            }
+            "deletecredential" => {
+                let id = body["credentialid"].as_str().unwrap_or_default();
+                let key_id = self
+                    .lock()
+                    .keys
+                    .values()
+                    .find(|k| k.provider == "glesys" && k.handle == id)
+                    .map(|k| k.id.clone());
+                match key_id {
+                    Some(key_id) if self.revoke("glesys", &key_id).await => ok(json!({})),
+                    _ => err(StatusCode::NOT_FOUND, "Credential not found"),
+                }
+            }
+            "instancedetails" => {
+                self.count("list");
+                let credentials: Vec<Value> = self
+                    .live_of("glesys")
+                    .iter()
+                    .map(|k| credential(k, false))
+                    .collect();
+                ok(json!({"instance": {"id": GLESYS_INSTANCE, "credentials": credentials}}))
+            }
+            _ => err(StatusCode::NOT_FOUND, "No such function"),
+        }
+    }
+
+    // ---- shared bookkeeping ----------------------------------------------------------------
+
+    fn live_of(&self, provider: &str) -> Vec<FakeKey> {
+        let now = self.clock.now();
+        self.lock()
+            .keys
+            .values()
+            .filter(|k| k.provider == provider && k.live_at(now))
+            .cloned()
+            .collect()
+    }
+
+    /// Mints a key (applying create faults); `Err` is the answer to send instead.
+    async fn create(
+        &self,
+        provider: &'static str,
+        tag: Option<String>,
+        lifetime: Option<Duration>,
+        error: impl Fn(StatusCode, &str) -> Response<Bytes>,
+    ) -> Result<FakeKey, Response<Bytes>> {
         self.count("create");
         let faults = self.faults();
         if !faults.create_latency.is_zero() {
             tokio::time::sleep(faults.create_latency).await;
         }
         if let Some((status, message)) = faults.create_status {
-            let mut resp = reply(
-                StatusCode::from_u16(status).unwrap(),
-                json!({"code": 14, "message": message}),
-            );
+            let mut resp = error(StatusCode::from_u16(status).unwrap(), &message);
             if let Some(secs) = faults.retry_after {
                 resp.headers_mut()
                     .insert(http::header::RETRY_AFTER, secs.into());
             }
-            return resp;
+            return Err(resp);
         }
         if faults.malformed_create {
-            return Response::builder()
+            return Err(Response::builder()
                 .status(200)
                 .body(Bytes::from_static(b"{\"accessKeyId\": "))
-                .unwrap();
-        }
-        let Some(seconds) = body["durationSeconds"].as_u64() else {
-            return reply(
-                StatusCode::BAD_REQUEST,
-                json!({"code": 3, "message": "duration required"}),
-            );
-        };
-        if seconds == 0 || seconds > 43_200 {
-            return reply(
-                StatusCode::BAD_REQUEST,
-                json!({"code": 3, "message": "durationSeconds must be in 1..43200 for this test fake"}),
-            );
+                .unwrap());
         }
         let (id, secret, iam_user) = match self.mirror.clone() {
             Some(moto) => {
-                let user = format!(
-                    "kb-{}",
-                    Alphanumeric.sample_string(&mut rand::thread_rng(), 12)
-                );
+                let user = format!("kb-{}", random(12));
                 let u = user.clone();
                 let (id, secret) = tokio::task::spawn_blocking(move || moto.create_key(&u))
                     .await
                     .unwrap();
                 (id, secret, Some(user))
             }
-            None => {
-                let mut rng = rand::thread_rng();
-                (
-                    format!(
-                        "CW{}",
-                        Alphanumeric.sample_string(&mut rng, 14).to_uppercase()
-                    ),
-                    format!("cwo{}", Alphanumeric.sample_string(&mut rng, 40)),
-                    None,
-                )
-            }
+            None => (
+                format!(
+                    "{}{}",
+                    &provider[..2].to_uppercase(),
+                    random(14).to_uppercase()
+                ),
+                random(40),
+                None,
+            ),
         };
         let now = self.clock.now();
         let key = FakeKey {
+            provider,
+            handle: if provider == "glesys" {
+                uuid()
+            } else {
+                id.clone()
+            },
             id,
             secret,
-            iam_user,
-            tag: body["attributes"]["keybroker-lease"]
-                .as_str()
-                .map(str::to_string),
+            tag,
             created: now,
-            expires_at: now + Duration::from_secs(seconds),
+            expires_at: lifetime.map(|l| now + l),
             revoked_at: None,
+            foreign: false,
+            iam_user,
         };
-        let answer = json!({
-            "accessKeyId": key.id,
-            "secretKey": key.secret,
-            "principalName": "coreweave/fake-token-id",
-            "expiry": faults.expiry_override.clone().unwrap_or_else(|| rfc3339(key.expires_at)),
-            "attributes": body["attributes"],
-        });
-        {
-            let mut st = self.lock();
-            st.keys.insert(key.id.clone(), key);
-            let live = st
-                .keys
-                .values()
-                .filter(|k| k.revoked_at.is_none() && k.expires_at > now)
-                .count();
-            st.peak_live = st.peak_live.max(live);
-        }
-        reply(StatusCode::OK, answer)
+        let mut st = self.lock();
+        st.keys.insert(key.id.clone(), key.clone());
+        let live = st
+            .keys
+            .values()
+            .filter(|k| k.provider == provider && k.live_at(now))
+            .count();
+        let peak = st.peak_live.entry(provider).or_default();
+        *peak = (*peak).max(live);
+        Ok(key)
     }
 
-    async fn revoke(&self, body: Value) -> Response<Bytes> {
+    /// Revokes a key of `provider` by id; false if it is unknown or already revoked.
+    async fn revoke(&self, provider: &str, id: &str) -> bool {
         self.count("revoke");
         if self.faults().hang_revokes {
             std::future::pending::<()>().await;
         }
-        let Some(id) = body["accessKey"].as_str() else {
-            return reply(
-                StatusCode::BAD_REQUEST,
-                json!({"code": 3, "message": "accessKey required"}),
-            );
-        };
         let now = self.clock.now();
         let mirrored = {
             let mut st = self.lock();
             match st.keys.get_mut(id) {
-                Some(k) if k.revoked_at.is_none() => {
+                Some(k) if k.provider == provider && k.revoked_at.is_none() => {
                     k.revoked_at = Some(now);
                     k.iam_user.take()
                 }
-                _ => {
-                    return reply(
-                        StatusCode::NOT_FOUND,
-                        json!({"code": 5, "message": "access key not found"}),
-                    )
-                }
+                _ => return false,
             }
         };
         if let Some(user) = mirrored {
             self.unmirror(user, id.to_string()).await;
         }
-        reply(StatusCode::OK, json!({}))
+        true
     }
 }
 
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap()
+fn positive(d: time::Duration) -> Duration {
+    Duration::try_from(d).unwrap_or(Duration::ZERO)
+}
+
+fn header(req: &Request<Bytes>, name: &str) -> Option<String> {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 fn reply(status: StatusCode, body: Value) -> Response<Bytes> {

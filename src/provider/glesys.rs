@@ -1,0 +1,296 @@
+//! GleSYS object-storage credentials (`reference/providers.md` §3).
+//!
+//! Basic auth (project, API key), JSON bodies, answers wrapped in `{"response": {"status":
+//! {...}, ...}}`. GleSYS credentials never expire by themselves: the broker's lease end is the
+//! expiry it serves, and deleting the credential at that time (which the broker does for every
+//! retired key at its expiry) is what ends it. A missed deletion is a leaked key.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use serde::Deserialize;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use super::http::{retry_after, HttpClient, HttpResponse};
+use super::{
+    brief, resolve_expiry, KeyHandle, ListedKey, MintedKey, Provider, ProviderError, ProviderKind,
+};
+use crate::clock::Clock;
+use crate::credentials::Secret;
+
+/// The public API host.
+pub const DEFAULT_ENDPOINT: &str = "https://api.glesys.com";
+
+/// A GleSYS project's object-storage instance.
+#[derive(Debug)]
+pub struct Glesys {
+    http: HttpClient,
+    endpoint: String,
+    basic: Secret,
+    instance_id: String,
+    clock: Clock,
+}
+
+#[derive(Deserialize)]
+struct Envelope<T> {
+    response: T,
+}
+
+#[derive(Deserialize)]
+struct StatusOnly {
+    status: Option<Status>,
+}
+
+#[derive(Deserialize)]
+struct Status {
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct CredentialAnswer {
+    credential: Credential,
+}
+
+#[derive(Deserialize)]
+struct Credential {
+    id: String,
+    accesskey: String,
+    #[serde(default)]
+    secretkey: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    created: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct InstanceAnswer {
+    instance: Instance,
+}
+
+#[derive(Deserialize)]
+struct Instance {
+    #[serde(default)]
+    credentials: Vec<Credential>,
+}
+
+impl Glesys {
+    /// A provider for `instance_id` of `project`, authenticated with `api_key`.
+    pub fn new(
+        http: HttpClient,
+        endpoint: &str,
+        project: &str,
+        api_key: Secret,
+        instance_id: &str,
+        clock: Clock,
+    ) -> Self {
+        let basic = Secret::new(format!(
+            "Basic {}",
+            STANDARD.encode(format!("{project}:{}", api_key.expose()))
+        ));
+        Glesys {
+            http,
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+            basic,
+            instance_id: instance_id.to_string(),
+            clock,
+        }
+    }
+
+    async fn post(
+        &self,
+        function: &str,
+        body: serde_json::Value,
+    ) -> Result<HttpResponse, ProviderError> {
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("{}/objectstorage/{function}", self.endpoint))
+            .header(http::header::AUTHORIZATION, self.basic.expose())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::ACCEPT, "application/json")
+            .body(Bytes::from(body.to_string()))
+            .map_err(|e| ProviderError::Rejected(format!("GleSYS: bad request: {e}")))?;
+        let resp = self.http.send(req).await?;
+        if resp.status == StatusCode::OK {
+            Ok(resp)
+        } else {
+            Err(status_error(function, &resp))
+        }
+    }
+}
+
+/// GleSYS treats any status but 200 as an error and explains in `response.status.text`.
+fn status_error(function: &str, resp: &HttpResponse) -> ProviderError {
+    let said = serde_json::from_slice::<Envelope<StatusOnly>>(&resp.body)
+        .ok()
+        .and_then(|e| e.response.status)
+        .and_then(|s| s.text)
+        .unwrap_or_else(|| String::from_utf8_lossy(&resp.body).into_owned());
+    let said = brief(&said);
+    let message = format!("GleSYS {function}: HTTP {}: {said}", resp.status);
+    match resp.status {
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => ProviderError::Auth(message),
+        StatusCode::TOO_MANY_REQUESTS => ProviderError::RateLimited {
+            retry_after: retry_after(&resp.headers),
+            message,
+        },
+        s if s.is_server_error() => ProviderError::Transient(message),
+        // glesys-go's own fixture answers bad credentials with 400 "Unauthorized".
+        _ if said.to_ascii_lowercase().contains("unauthorized") => ProviderError::Auth(message),
+        _ => ProviderError::Rejected(message),
+    }
+}
+
+#[async_trait]
+impl Provider for Glesys {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Glesys
+    }
+
+    async fn mint(&self, tag: &str, lifetime: Duration) -> Result<MintedKey, ProviderError> {
+        let sent_at = self.clock.now();
+        let resp = self
+            .post(
+                "createcredential",
+                serde_json::json!({ "instanceid": self.instance_id, "description": tag }),
+            )
+            .await?;
+        let answer: Envelope<CredentialAnswer> =
+            serde_json::from_slice(&resp.body).map_err(|e| {
+                ProviderError::Malformed(format!("GleSYS createcredential: unreadable answer: {e}"))
+            })?;
+        let c = answer.response.credential;
+        let Some(secret) = c.secretkey.filter(|s| !s.is_empty()).map(Secret::new) else {
+            // The credential exists; without its secret it is useless, so delete it.
+            let handle = KeyHandle {
+                access_key_id: c.accesskey.clone(),
+                revoke_handle: c.id,
+            };
+            if let Err(e) = self.revoke(&handle).await {
+                tracing::error!(key_id = %handle.access_key_id, error = %e, "could not delete an unusable credential");
+            }
+            return Err(ProviderError::Malformed(
+                "GleSYS createcredential: answer lacks secretkey; the credential was deleted"
+                    .into(),
+            ));
+        };
+        Ok(MintedKey {
+            // No native expiry: the lease end, measured on our clock, is the expiry.
+            expires_at: resolve_expiry(
+                None,
+                sent_at,
+                lifetime,
+                resp.headers.get(http::header::DATE),
+                &self.clock,
+            ),
+            access_key_id: c.accesskey,
+            secret,
+            session_token: None,
+            revoke_handle: c.id,
+        })
+    }
+
+    async fn revoke(&self, key: &KeyHandle) -> Result<(), ProviderError> {
+        let result = self
+            .post(
+                "deletecredential",
+                serde_json::json!({ "instanceid": self.instance_id, "credentialid": key.revoke_handle }),
+            )
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            // Already deleted: the goal is met.
+            Err(ProviderError::Rejected(m)) if m.contains("HTTP 404") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn list_keys(&self) -> Result<Vec<ListedKey>, ProviderError> {
+        let resp = self
+            .post(
+                "instancedetails",
+                serde_json::json!({ "instanceid": self.instance_id }),
+            )
+            .await?;
+        let answer: Envelope<InstanceAnswer> = serde_json::from_slice(&resp.body).map_err(|e| {
+            ProviderError::Malformed(format!("GleSYS instancedetails: unreadable answer: {e}"))
+        })?;
+        Ok(answer
+            .response
+            .instance
+            .credentials
+            .into_iter()
+            .map(|c| ListedKey {
+                handle: KeyHandle {
+                    access_key_id: c.accesskey,
+                    revoke_handle: c.id,
+                },
+                tag: c.description.filter(|d| !d.is_empty()),
+                created_at: c
+                    .created
+                    .as_deref()
+                    .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok()),
+                expires_at: None,
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resp(status: u16, body: &str) -> HttpResponse {
+        HttpResponse {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers: Default::default(),
+            body: Bytes::from(body.to_string()),
+        }
+    }
+
+    #[test]
+    fn errors_carry_the_status_text() {
+        let e = status_error(
+            "createcredential",
+            &resp(
+                400,
+                r#"{"response":{"status":{"code":400,"text":"Unauthorized"}}}"#,
+            ),
+        );
+        assert!(
+            matches!(&e, ProviderError::Auth(m) if m.ends_with("HTTP 400 Bad Request: Unauthorized")),
+            "{e:?}"
+        );
+        let e = status_error(
+            "createcredential",
+            &resp(
+                404,
+                r#"{"response":{"status":{"code":404,"text":"No such instance"}}}"#,
+            ),
+        );
+        assert!(
+            matches!(&e, ProviderError::Rejected(m) if m.contains("No such instance")),
+            "{e:?}"
+        );
+        assert!(matches!(
+            status_error("x", &resp(502, "")),
+            ProviderError::Transient(_)
+        ));
+    }
+
+    #[test]
+    fn decodes_the_documented_credential() {
+        let body = r#"{"response":{"status":{"code":200,"text":"OK"},"credential":{"id":"376af022-c81e-4a02-9f28-0dce6ba24399","accesskey":"AOEUKEY123546","secretkey":"superlongsecretkey123123123","description":"Key2","created":"2020-05-29T23:37:00+00:00"}}}"#;
+        let a: Envelope<CredentialAnswer> = serde_json::from_str(body).unwrap();
+        assert_eq!(
+            a.response.credential.id,
+            "376af022-c81e-4a02-9f28-0dce6ba24399"
+        );
+        assert_eq!(a.response.credential.accesskey, "AOEUKEY123546");
+    }
+}
