@@ -210,6 +210,11 @@ fn a_valid_config_checks_ok() {
 fn the_example_config_is_valid() {
     let env = Env::new();
     env.secret_file("coreweave-token", "t");
+    env.secret_file(
+        "crusoe-secret",
+        "a2V5YnJva2VyLXRlc3Qtc2VjcmV0LTAxMjM0NTY3ODk",
+    );
+    env.secret_file("glesys-key", "k");
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/keybroker.example.toml");
     assert_checks_ok_with_credentials_dir(&env, Path::new(example));
 }
@@ -226,4 +231,53 @@ fn assert_checks_ok_with_credentials_dir(env: &Env, config: &Path) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Crusoe and GleSYS profiles: missing keys, a secret that cannot sign, and Crusoe's renewal
+/// rule each get their own located message.
+#[test]
+fn crusoe_and_glesys_mistakes_are_located() {
+    let env = Env::new();
+    let good = env.secret_file(
+        "crusoe-secret",
+        "a2V5YnJva2VyLXRlc3Qtc2VjcmV0LTAxMjM0NTY3ODk",
+    );
+    let padded = env.secret_file("padded-secret", "a2V5+/==");
+    let key = env.secret_file("glesys-key", "k");
+    let crusoe = |secret: &std::path::Path, extra: &str| {
+        format!(
+            "[profiles.c]\nprovider = \"crusoe\"\naccess_key_id = \"AK\"\nsecret_key_file = \"{}\"\n{extra}",
+            secret.display()
+        )
+    };
+    let cases = [
+        (crusoe(&good, "lifetime = \"1h\"\nrenew_before = \"40m\"\n"), "6:16", "renew_before (40m) is more than half of lifetime (1h)"),
+        (crusoe(&padded, ""), "4:19", "not unpadded URL-safe base64"),
+        ("[profiles.c]\nprovider = \"crusoe\"\n".to_string(), "1:1", "provider crusoe needs access_key_id"),
+        (
+            format!("[profiles.g]\nprovider = \"glesys\"\nproject = \"CL1\"\napi_key_file = \"{}\"\n", key.display()),
+            "1:1",
+            "provider glesys needs instance_id",
+        ),
+        (
+            format!("[profiles.g]\nprovider = \"glesys\"\nproject = \"CL1\"\napi_key_file = \"{}\"\ninstance_id = \"os-1\"\norg_id = \"x\"\n", key.display()),
+            "6:10",
+            "org_id does not apply to provider glesys",
+        ),
+    ];
+    for (text, at, fragment) in cases {
+        let path = env.config(&text);
+        let (code, _, stderr) = env.run(&["check-config", "--config", path.to_str().unwrap()]);
+        assert_eq!(code, 64, "{stderr}");
+        assert!(
+            stderr.contains(&format!(":{at}: ")) && stderr.contains(fragment),
+            "expected {at} {fragment:?}: {stderr}"
+        );
+    }
+    let ok = env.config(&crusoe(
+        &good,
+        "org_id = \"4f9b1e0c-0000-4000-8000-000000000001\"\n",
+    ));
+    let (code, _, stderr) = env.run(&["check-config", "--config", ok.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
 }

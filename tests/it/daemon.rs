@@ -457,3 +457,100 @@ async fn https_upstream_trusts_ca_file() {
     assert!(status.success());
     assert!(fake.live().is_empty());
 }
+
+/// Refused credentials, a wrong Crusoe organization, a wrong GleSYS instance: each profile's
+/// error is one line naming the profile and carrying the provider's own words, and clients
+/// asking again and again do not turn into a storm of upstream calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_refusals_are_one_line_with_the_providers_words() {
+    use crate::fake_cloud::{GLESYS_INSTANCE, GLESYS_PROJECT};
+    let fake = FakeCloud::new(Clock::System);
+    let url = fake.serve().await;
+    let env = Env::new();
+    let wrong = env.secret_file("wrong-secret", "d3Jvbmctc2VjcmV0");
+    let wrong = wrong.display();
+    let crusoe = |name: &str, secret: &str, extra: &str| {
+        format!(
+            "[profiles.{name}]\nprovider = \"crusoe\"\nendpoint = \"{url}/v1alpha5\"\naccess_key_id = \"{}\"\nsecret_key_file = \"{secret}\"\n{extra}\n",
+            fake.crusoe_key_id()
+        )
+    };
+    let glesys = |name: &str, key: &str, instance: &str| {
+        format!(
+            "[profiles.{name}]\nprovider = \"glesys\"\nendpoint = \"{url}\"\nproject = \"{GLESYS_PROJECT}\"\napi_key_file = \"{key}\"\ninstance_id = \"{instance}\"\n"
+        )
+    };
+    let right_glesys = fake.profile_toml("glesys", "unused", &url, &env, "");
+    let glesys_key = env.path("unused-glesys-key");
+    let right_crusoe = fake.profile_toml("crusoe", "unused2", &url, &env, "");
+    let crusoe_secret = env.path("unused2-crusoe-secret");
+    assert!(right_glesys.contains("api_key_file") && right_crusoe.contains("secret_key_file"));
+    let config = [
+        coreweave_profile(
+            "cw-token",
+            &url,
+            &env.secret_file("bad-token", "not-the-token"),
+            "",
+        ),
+        crusoe("crusoe-secret", &wrong.to_string(), ""),
+        crusoe(
+            "crusoe-org",
+            &crusoe_secret.display().to_string(),
+            "org_id = \"4f9b1e0c-0000-4000-8000-00000000dead\"",
+        ),
+        glesys("glesys-key", &wrong.to_string(), GLESYS_INSTANCE),
+        glesys(
+            "glesys-instance",
+            &glesys_key.display().to_string(),
+            "os-zz999",
+        ),
+    ]
+    .join("\n");
+    let config = env.config(&config);
+    let mut daemon = tokio::task::block_in_place(|| env.serve(&config, "info"));
+    wait_until(
+        "a prewarm attempt per profile",
+        Duration::from_secs(10),
+        || fake.calls("unauthorized") >= 3 && fake.total_calls() >= 5,
+    )
+    .await;
+
+    let expected = [
+        ("cw-token", "coreweave", "invalid API access token"),
+        ("crusoe-secret", "crusoe", "bad_credential"),
+        (
+            "crusoe-org",
+            "crusoe",
+            "user is not a member of organization 4f9b1e0c-0000-4000-8000-00000000dead",
+        ),
+        ("glesys-key", "glesys", "Unauthorized"),
+        (
+            "glesys-instance",
+            "glesys",
+            "Object storage instance not found: os-zz999",
+        ),
+    ];
+    for _ in 0..5 {
+        for (profile, provider, words) in expected {
+            let (code, stdout, stderr) = tokio::task::block_in_place(|| {
+                env.run(&["credential-process", "--profile", profile])
+            });
+            assert_eq!((code, stdout.as_str()), (1, ""), "{profile}");
+            assert_eq!(stderr.lines().count(), 1, "{profile}: {stderr}");
+            let prefix = format!(
+                "keybroker: profile {profile} has no valid key: the {provider} API failed: "
+            );
+            assert!(
+                stderr.starts_with(&prefix) && stderr.contains(words),
+                "{profile}: {stderr}"
+            );
+        }
+    }
+    // 25 client requests on 5 failing profiles: the prewarm attempts and nothing more (a
+    // failed request waits 10 s before it may trigger another attempt).
+    let calls = fake.total_calls();
+    assert!(calls <= 10, "{calls} upstream calls");
+    let (status, _) = stop(&mut daemon, Duration::from_secs(25));
+    assert!(status.success());
+    assert!(fake.live().is_empty());
+}

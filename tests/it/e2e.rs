@@ -11,12 +11,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::fake_cloud::FakeCloud;
-use crate::harness::{coreweave_profile, python, venv_bin, Daemon, Env, BIN};
+use crate::fake_cloud::{FakeCloud, PROVIDERS};
+use crate::harness::{python, venv_bin, Daemon, Env, BIN};
 use crate::moto::Moto;
-
-/// Every provider the end-to-end scenarios run against.
-const PROVIDERS: &[&str] = &["coreweave"];
 
 /// A running scenario: moto, the fake cloud mirrored into it, and a daemon serving profile `p`
 /// on its socket and on the container endpoint.
@@ -26,16 +23,6 @@ struct E2e {
     moto: Arc<Moto>,
     daemon: Daemon,
     container_port: u16,
-}
-
-fn profile_for(provider: &str, fake_url: &str, env: &Env, fake: &FakeCloud) -> String {
-    match provider {
-        "coreweave" => {
-            let token = env.secret_file("cw-token", fake.token());
-            coreweave_profile("p", fake_url, &token, "")
-        }
-        other => panic!("no end-to-end profile for provider {other}"),
-    }
 }
 
 fn write_script(path: PathBuf, body: &str) -> PathBuf {
@@ -57,7 +44,7 @@ impl E2e {
             .port();
         let config = env.config(&format!(
             "[server.container]\nlisten = \"127.0.0.1:{container_port}\"\n\n{}",
-            profile_for(provider, &url, &env, &fake)
+            fake.profile_toml(provider, "p", &url, &env, "")
         ));
         let daemon = tokio::task::block_in_place(|| env.serve(&config, "info"));
         let socket = daemon.socket.display().to_string();

@@ -37,8 +37,8 @@ use crate::moto::Moto;
 pub const PROVIDERS: [&str; 3] = ["coreweave", "crusoe", "glesys"];
 
 const CRUSOE_LIMIT: usize = 2;
-const GLESYS_PROJECT: &str = "CL12345";
-const GLESYS_INSTANCE: &str = "os-ab123";
+pub const GLESYS_PROJECT: &str = "CL12345";
+pub const GLESYS_INSTANCE: &str = "os-ab123";
 
 /// A key the fake minted (or was given as a third party's).
 #[derive(Clone, Debug)]
@@ -171,6 +171,10 @@ impl FakeCloud {
         &self.crusoe_org
     }
 
+    pub fn crusoe_key_id(&self) -> &str {
+        &self.crusoe_key_id
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap()
     }
@@ -192,9 +196,9 @@ impl FakeCloud {
         self.lock().calls.get(what).copied().unwrap_or(0)
     }
 
-    /// Every call the fake answered, however it answered.
+    /// Every request the fake answered, however it answered.
     pub fn total_calls(&self) -> u64 {
-        self.lock().calls.values().sum()
+        self.calls("request")
     }
 
     /// Keys not revoked and not expired now, third parties' excluded.
@@ -453,6 +457,7 @@ impl FakeCloud {
     }
 
     async fn route(&self, req: Request<Bytes>) -> Response<Bytes> {
+        self.count("request");
         let path = req.uri().path().to_string();
         if path.starts_with("/v1/cwobject/") {
             self.coreweave(req).await
