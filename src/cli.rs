@@ -48,6 +48,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Revoke every key an earlier run left behind (the ledger's open leases, and keys with this
+    /// broker's tag it no longer tracks), without serving. Refused while a daemon runs.
+    Sweep {
+        /// Config file [default: $KEYBROKER_CONFIG, else /etc/keybroker/keybroker.toml].
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
     /// Validate a config file without starting.
     CheckConfig {
         /// Config file [default: $KEYBROKER_CONFIG, else /etc/keybroker/keybroker.toml].

@@ -781,6 +781,40 @@ pub fn resolve_config_path(flag: Option<&Path>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
 }
 
+/// The state directory (ledger, lock, instance id): the config's `state_dir`, else
+/// `$STATE_DIRECTORY` (systemd `StateDirectory=`), else `/var/lib/keybroker` for root, else
+/// `$XDG_STATE_HOME/keybroker`, else `~/.local/state/keybroker`.
+pub fn resolve_state_dir(configured: Option<&Path>) -> PathBuf {
+    if let Some(p) = configured {
+        return p.to_path_buf();
+    }
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(dir) = std::env::var("STATE_DIRECTORY")
+        .ok()
+        .and_then(|v| v.split(':').next().map(PathBuf::from))
+        .filter(|p| !p.as_os_str().is_empty())
+    {
+        return dir;
+    }
+    if rustix::process::getuid().is_root() {
+        return PathBuf::from("/var/lib/keybroker");
+    }
+    if let Some(dir) = env("XDG_STATE_HOME") {
+        return dir.join("keybroker");
+    }
+    match env("HOME") {
+        Some(home) => home.join(".local/state/keybroker"),
+        None => PathBuf::from(format!(
+            "/tmp/keybroker-state-{}",
+            rustix::process::getuid().as_raw()
+        )),
+    }
+}
+
 /// The system daemon's socket, the default for root.
 pub const SYSTEM_SOCKET: &str = "/run/keybroker/keybroker.sock";
 

@@ -1,6 +1,7 @@
 //! `serve`: build providers, bind the socket, start the broker, serve, and on a stop signal
 //! shut down in a fixed, logged order within `shutdown_timeout` (DESIGN.md §6).
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -10,9 +11,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Broker, ProfileSpec, StopReport, DEFAULT_MINT_WAIT};
+use crate::broker::{Broker, BrokerOptions, ProfileSpec, StopReport};
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::ledger::Ledger;
+use crate::recovery::{recover, Target};
 use crate::server::container::ContainerTokens;
 use crate::server::{self, Access, App, BoundSocket, Listener};
 
@@ -41,6 +44,17 @@ pub enum DaemonError {
         /// What failed.
         source: std::io::Error,
     },
+    /// The state directory's lock or ledger.
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
+    /// A file in the state directory.
+    #[error("{path}: {source}")]
+    State {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
     /// The container endpoint's token files could not be written.
     #[error(transparent)]
     ContainerTokens(#[from] server::container::TokenError),
@@ -61,10 +75,8 @@ pub struct Running {
 pub struct Options {
     /// Who may read what.
     pub access: Access,
-    /// Where time comes from.
-    pub clock: Clock,
-    /// Seed for jitter and tags (tests); `None` in production.
-    pub seed: Option<u64>,
+    /// How the broker runs (clock, seed, ledger, tag prefix).
+    pub broker: BrokerOptions,
     /// Revoke budget at stop.
     pub shutdown_timeout: Duration,
     /// The container endpoint's address, if enabled.
@@ -110,12 +122,7 @@ pub fn start(
         tracing::info!(listen = %addr, tokens = %dir.display(), "container endpoint");
         listeners.push(Listener::Container(tcp));
     }
-    let broker = Arc::new(Broker::start(
-        profiles,
-        options.clock,
-        options.seed,
-        DEFAULT_MINT_WAIT,
-    ));
+    let broker = Arc::new(Broker::start(profiles, options.broker));
     let app = Arc::new(App {
         broker: Arc::clone(&broker),
         access: options.access,
@@ -195,6 +202,7 @@ pub fn profiles_from(config: &Config, clock: &Clock) -> Result<Vec<ProfileSpec>,
                 policy: p.policy,
                 prewarm: p.prewarm,
                 revoke_on_shutdown: p.revoke_on_shutdown,
+                adopted: Vec::new(),
             })
         })
         .collect()
@@ -212,14 +220,84 @@ pub fn access_from(config: &Config) -> Access {
     }
 }
 
+/// The ledger and this broker's tag prefix, from the state directory.
+pub struct State {
+    /// The open ledger (holding the state directory's lock).
+    pub ledger: Arc<Ledger>,
+    /// `keybroker-<host>-<instance>-`.
+    pub tag_prefix: String,
+}
+
+/// Opens the state directory: takes its lock, opens the ledger, and reads (or makes) the
+/// instance id that names this broker's keys.
+pub fn open_state(dir: &Path) -> Result<State, DaemonError> {
+    let ledger = Ledger::open(dir)?;
+    let id_path = dir.join("instance");
+    let instance = match std::fs::read_to_string(&id_path) {
+        Ok(id) if id.trim().len() == 8 && id.trim().bytes().all(|b| b.is_ascii_hexdigit()) => {
+            id.trim().to_string()
+        }
+        _ => {
+            let id = format!("{:08x}", rand::random::<u32>());
+            std::fs::write(&id_path, format!("{id}\n")).map_err(|source| DaemonError::State {
+                path: id_path.clone(),
+                source,
+            })?;
+            id
+        }
+    };
+    Ok(State {
+        ledger: Arc::new(ledger),
+        tag_prefix: crate::broker::tag_prefix(&instance),
+    })
+}
+
+/// The recovery targets: each profile's provider and stop policy.
+pub fn targets(profiles: &[ProfileSpec]) -> BTreeMap<String, Target> {
+    profiles
+        .iter()
+        .map(|p| {
+            let target = Target {
+                provider: Arc::clone(&p.provider),
+                revoke_on_shutdown: p.revoke_on_shutdown,
+            };
+            (p.name.clone(), target)
+        })
+        .collect()
+}
+
 /// Runs the daemon until `stop` resolves, then shuts down. `profiles` were built from `config`
-/// (before the socket was bound, so configuration errors touch nothing).
+/// (before anything was touched, so configuration errors change nothing). With a state
+/// directory, its lock is taken and what an earlier run left is recovered before serving.
 pub async fn run(
     config: &Config,
-    profiles: Vec<ProfileSpec>,
+    mut profiles: Vec<ProfileSpec>,
     socket_path: &Path,
+    state_dir: Option<&Path>,
     stop: impl Future<Output = ()>,
 ) -> Result<StopReport, DaemonError> {
+    let mut broker = BrokerOptions::new(Clock::System);
+    if let Some(dir) = state_dir {
+        let state = open_state(dir)?;
+        let recovery = recover(
+            &state.ledger,
+            &targets(&profiles),
+            &state.tag_prefix,
+            &broker.clock,
+            true,
+        )
+        .await?;
+        for line in &recovery.lines {
+            tracing::warn!(state_dir = %dir.display(), "recovery: {line}");
+        }
+        tracing::info!(revoked = recovery.revoked, unfinished = recovery.unfinished, ledger = %state.ledger.path().display(), "recovery done");
+        let mut adopted = recovery.adopted;
+        for p in &mut profiles {
+            p.adopted = adopted.remove(&p.name).unwrap_or_default();
+        }
+        broker.ledger = Some(state.ledger);
+        broker.tag_prefix = state.tag_prefix;
+    }
     let socket = server::bind_socket(
         socket_path,
         config.server.socket_mode,
@@ -228,8 +306,7 @@ pub async fn run(
     let names: Vec<String> = profiles.iter().map(|p| p.name.clone()).collect();
     let options = Options {
         access: access_from(config),
-        clock: Clock::System,
-        seed: None,
+        broker,
         shutdown_timeout: config.server.shutdown_timeout,
         container_listen: config.server.container_listen,
     };

@@ -54,6 +54,7 @@ fn main() -> ExitCode {
                 Err(e) => fail_usage(&format!("config {e}")),
             }
         }
+        Command::Sweep { config } => sweep(config),
         Command::CredentialProcess { profile, socket } => {
             let socket = config::resolve_client_socket(socket.as_deref());
             match client::credential_process(&socket, &profile) {
@@ -126,7 +127,17 @@ fn serve(
         if dev {
             print_dev_banner(&socket);
         }
-        match daemon::run(&config, profiles, &socket, daemon::stop_signal()).await {
+        let state_dir =
+            (!dev).then(|| config::resolve_state_dir(config.server.state_dir.as_deref()));
+        match daemon::run(
+            &config,
+            profiles,
+            &socket,
+            state_dir.as_deref(),
+            daemon::stop_signal(),
+        )
+        .await
+        {
             Err(e) => fail(&e.to_string()),
             Ok(report) if report.unrevoked.is_empty() => ExitCode::SUCCESS,
             Ok(report) => {
@@ -164,4 +175,60 @@ fn print_dev_banner(socket: &std::path::Path) {
     println!("credential_process = {exe} credential-process --profile dev{socket_arg}\n");
     println!("Stop with Ctrl-C: every key is revoked before exit.");
     let _ = std::io::stdout().flush();
+}
+
+/// `keybroker sweep`: the start-up recovery, offline: revoke every key an earlier run left.
+fn sweep(config_flag: Option<std::path::PathBuf>) -> ExitCode {
+    let path = config::resolve_config_path(config_flag.as_deref());
+    let config = match config::load(&path) {
+        Ok(c) => c,
+        Err(e) => return fail_usage(&format!("config {e}")),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
+    };
+    runtime.block_on(async {
+        let clock = keybroker::clock::Clock::System;
+        let profiles = match daemon::profiles_from(&config, &clock) {
+            Ok(p) => p,
+            Err(e) => return fail_usage(&format!("config {}: {e}", config.path.display())),
+        };
+        let dir = config::resolve_state_dir(config.server.state_dir.as_deref());
+        let state = match daemon::open_state(&dir) {
+            Ok(s) => s,
+            Err(e) => return fail(&e.to_string()),
+        };
+        let targets = daemon::targets(&profiles);
+        match keybroker::recovery::recover(
+            &state.ledger,
+            &targets,
+            &state.tag_prefix,
+            &clock,
+            false,
+        )
+        .await
+        {
+            Err(e) => fail(&e.to_string()),
+            Ok(done) => {
+                for line in &done.lines {
+                    println!("{line}");
+                }
+                println!(
+                    "sweep: {} keys revoked, {} left to finish (state {})",
+                    done.revoked,
+                    done.unfinished,
+                    dir.display()
+                );
+                if done.unfinished == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    })
 }

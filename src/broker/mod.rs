@@ -15,10 +15,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use policy::{backoff, retry_delay, RenewPolicy, BACKOFF_CAP, DEGRADED_FLOOR, RENEW_JITTER};
-pub use slot::{ReadyKey, Slot, SlotStatus, Unavailable};
+pub use slot::{Adopted, ReadyKey, Slot, SlotContext, SlotStatus, Unavailable};
 
 use crate::clock::Clock;
-use crate::provider::{KeyHandle, Provider, ProviderKind};
+use crate::provider::{Provider, ProviderKind};
 
 /// How a profile is run by the broker.
 pub struct ProfileSpec {
@@ -32,6 +32,55 @@ pub struct ProfileSpec {
     pub prewarm: bool,
     /// Revoke at stop (false leaves keys to expire by themselves).
     pub revoke_on_shutdown: bool,
+    /// Keys of an earlier run to track as retired and revoke at their expiry.
+    pub adopted: Vec<Adopted>,
+}
+
+/// How the broker runs its slots.
+#[derive(Clone, Debug)]
+pub struct BrokerOptions {
+    /// Where time comes from.
+    pub clock: Clock,
+    /// Seed for jitter and lease ids (tests); `None` in production.
+    pub seed: Option<u64>,
+    /// Longest a request waits for a mint it triggered.
+    pub mint_wait: Duration,
+    /// The ledger every create and revoke is journaled in, if any.
+    pub ledger: Option<Arc<crate::ledger::Ledger>>,
+    /// `keybroker-<host>-<instance>-`: the prefix of every tag this broker puts on a key.
+    pub tag_prefix: String,
+}
+
+impl BrokerOptions {
+    /// Defaults: real-time `clock` given, random seed, no ledger, a tag prefix with this host
+    /// and a random instance id.
+    pub fn new(clock: Clock) -> Self {
+        BrokerOptions {
+            clock,
+            seed: None,
+            mint_wait: DEFAULT_MINT_WAIT,
+            ledger: None,
+            tag_prefix: tag_prefix(&format!("{:08x}", rand::random::<u32>())),
+        }
+    }
+}
+
+/// `keybroker-<host>-<instance>-`, where host is this machine's name (lowercase letters,
+/// digits and '-', at most 20) and instance names one state directory. With a 16-hex lease id
+/// the tag stays within CoreWeave's 63-character attribute values.
+pub fn tag_prefix(instance: &str) -> String {
+    let node = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .to_ascii_lowercase();
+    let host: String = node
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(20)
+        .collect();
+    let host = host.trim_matches('-');
+    let host = if host.is_empty() { "host" } else { host };
+    format!("{}{host}-{instance}-", crate::provider::TAG_PREFIX)
 }
 
 /// Why a request got no key.
@@ -73,16 +122,17 @@ impl std::fmt::Debug for Broker {
 pub const DEFAULT_MINT_WAIT: Duration = Duration::from_secs(11);
 
 impl Broker {
-    /// Starts a driver task per profile. `seed` makes jitter and tags reproducible in tests.
-    pub fn start(
-        profiles: Vec<ProfileSpec>,
-        clock: Clock,
-        seed: Option<u64>,
-        mint_wait: Duration,
-    ) -> Self {
-        let mut seeder = match seed {
+    /// Starts a driver task per profile.
+    pub fn start(profiles: Vec<ProfileSpec>, options: BrokerOptions) -> Self {
+        let mut seeder = match options.seed {
             Some(s) => SmallRng::seed_from_u64(s),
             None => SmallRng::from_entropy(),
+        };
+        let context = SlotContext {
+            clock: options.clock,
+            mint_wait: options.mint_wait,
+            ledger: options.ledger,
+            tag_prefix: options.tag_prefix.into(),
         };
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -92,10 +142,10 @@ impl Broker {
                 &spec.name,
                 spec.provider,
                 spec.policy,
-                clock.clone(),
                 spec.prewarm,
                 SmallRng::seed_from_u64(seeder.gen()),
-                mint_wait,
+                context.clone(),
+                spec.adopted,
             ));
             tasks.spawn(Arc::clone(&slot).drive(cancel.child_token()));
             slots.insert(spec.name, (slot, spec.revoke_on_shutdown));
@@ -156,6 +206,11 @@ impl Broker {
         }
         let second = self.revoke_all(deadline, &mut report).await;
         merge(&mut report, second);
+        // Creates whose answer was lost: settle them if time allows; otherwise the ledger
+        // keeps their intent and the next start finds them by tag.
+        for (slot, _) in self.slots.values() {
+            let _ = tokio::time::timeout_at(deadline, slot.settle_pending()).await;
+        }
         report
     }
 
@@ -168,7 +223,7 @@ impl Broker {
         for (slot, revoke) in self.slots.values() {
             for key in slot.take_all() {
                 if *revoke {
-                    jobs.push(revoke_by(Arc::clone(slot), key.handle.clone(), deadline));
+                    jobs.push(revoke_by(Arc::clone(slot), key, deadline));
                 } else {
                     tracing::info!(profile = slot.name(), key_id = %key.handle.access_key_id, "left alive at stop (revoke_on_shutdown = false)");
                     report.kept.push(key.handle.access_key_id.clone());
@@ -213,13 +268,14 @@ where
 /// Revokes one key, retrying what a retry can fix, until `deadline`.
 async fn revoke_by(
     slot: Arc<Slot>,
-    handle: KeyHandle,
+    key: Arc<ReadyKey>,
     deadline: Instant,
 ) -> (String, Result<(), String>) {
+    let handle = &key.handle;
     let id = handle.access_key_id.clone();
     let mut failures = 0;
     let outcome = loop {
-        let err = match tokio::time::timeout_at(deadline, slot.provider().revoke(&handle)).await {
+        let err = match tokio::time::timeout_at(deadline, slot.provider().revoke(handle)).await {
             Ok(Ok(())) => break Ok(()),
             Ok(Err(e)) => e,
             Err(_) => break Err("no answer before the shutdown deadline".to_string()),
@@ -241,6 +297,7 @@ async fn revoke_by(
             slot.counters
                 .revokes
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            slot.journal_revoked(&key.lease);
             tracing::info!(profile = slot.name(), key_id = %id, "revoked key at stop");
         }
         Err(why) => {

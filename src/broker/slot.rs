@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 use super::policy::{backoff, retry_delay, RenewPolicy};
 use crate::clock::{positive, Clock};
 use crate::credentials::{self, format_expiration};
-use crate::provider::{KeyHandle, MintedKey, Provider, ProviderError, TAG_PREFIX};
+use crate::ledger::{Ledger, LedgerError, Record};
+use crate::provider::{KeyHandle, MintedKey, Provider, ProviderError};
 
 /// A key ready to serve, with its response bodies rendered once.
 #[derive(Debug)]
@@ -25,6 +26,8 @@ pub struct ReadyKey {
     pub handle: KeyHandle,
     /// The broker's tag on the key.
     pub tag: String,
+    /// The lease id, the ledger's name for the key.
+    pub lease: String,
     /// When the key stops working (the `Expiration` served).
     pub expires_at: OffsetDateTime,
     /// `credential_process` JSON.
@@ -34,7 +37,7 @@ pub struct ReadyKey {
 }
 
 impl ReadyKey {
-    fn new(key: MintedKey, tag: String) -> Self {
+    fn new(key: MintedKey, tag: String, lease: String) -> Self {
         let process_json = credentials::process_json(
             &key.access_key_id,
             &key.secret,
@@ -50,6 +53,7 @@ impl ReadyKey {
         ReadyKey {
             handle: key.handle(),
             tag,
+            lease,
             expires_at: key.expires_at,
             process_json,
             container_json,
@@ -125,6 +129,45 @@ pub struct Slot {
     pub counters: Counters,
     /// Longest a request waits for an in-flight mint.
     mint_wait: Duration,
+    /// Where every create and revoke is journaled, if anywhere.
+    ledger: Option<Arc<Ledger>>,
+    /// `keybroker-<host>-<instance>-`: every key's tag starts with it.
+    tag_prefix: Arc<str>,
+    /// Creates whose answer was lost: the key may exist; its tag will tell.
+    pending: Mutex<Vec<Pending>>,
+}
+
+/// A create whose outcome is unknown.
+#[derive(Debug, Clone)]
+struct Pending {
+    lease: String,
+    tag: String,
+    /// Listings that did not show the key so far.
+    misses: u32,
+}
+
+/// What a slot shares with its broker.
+#[derive(Clone, Debug)]
+pub struct SlotContext {
+    /// Where time comes from.
+    pub clock: Clock,
+    /// Longest a request waits for an in-flight mint.
+    pub mint_wait: Duration,
+    /// The ledger, if keys are journaled.
+    pub ledger: Option<Arc<Ledger>>,
+    /// The prefix of every tag.
+    pub tag_prefix: Arc<str>,
+}
+
+/// A key from an earlier run that is tracked until its expiry, then revoked.
+#[derive(Debug, Clone)]
+pub struct Adopted {
+    /// Id and revoke handle.
+    pub handle: KeyHandle,
+    /// Its lease.
+    pub lease: String,
+    /// When to revoke it.
+    pub expires_at: OffsetDateTime,
 }
 
 impl std::fmt::Debug for Slot {
@@ -183,12 +226,33 @@ impl Slot {
         name: &str,
         provider: Arc<dyn Provider>,
         policy: RenewPolicy,
-        clock: Clock,
         prewarm: bool,
         rng: SmallRng,
-        mint_wait: Duration,
+        context: SlotContext,
+        adopted: Vec<Adopted>,
     ) -> Self {
+        let SlotContext {
+            clock,
+            mint_wait,
+            ledger,
+            tag_prefix,
+        } = context;
         let now = clock.now();
+        let retired = adopted
+            .into_iter()
+            .map(|a| Retired {
+                revoke_at: a.expires_at,
+                key: Arc::new(ReadyKey {
+                    handle: a.handle,
+                    tag: format!("{tag_prefix}{}", a.lease),
+                    lease: a.lease,
+                    expires_at: a.expires_at,
+                    process_json: Bytes::new(),
+                    container_json: Bytes::new(),
+                }),
+                failures: 0,
+            })
+            .collect();
         Slot {
             name: name.into(),
             provider,
@@ -197,7 +261,7 @@ impl Slot {
             current: ArcSwapOption::empty(),
             state: Mutex::new(State {
                 active: prewarm,
-                retired: Vec::new(),
+                retired,
                 renew_at: None,
                 last_error: None,
                 failures_in_row: 0,
@@ -211,6 +275,9 @@ impl Slot {
             rng: Mutex::new(rng),
             counters: Counters::default(),
             mint_wait,
+            ledger,
+            tag_prefix,
+            pending: Mutex::new(Vec::new()),
         }
     }
 
@@ -430,12 +497,98 @@ impl Slot {
         (false, wake_at)
     }
 
-    fn new_tag(&self) -> String {
-        let bytes: [u8; 16] = self.rng.lock().expect("slot rng lock poisoned").gen();
-        format!(
-            "keybroker-{}",
-            uuid::Builder::from_random_bytes(bytes).into_uuid().simple()
-        )
+    /// A fresh lease id and the tag that carries it.
+    fn new_lease(&self) -> (String, String) {
+        let n: u64 = self.rng.lock().expect("slot rng lock poisoned").gen();
+        let lease = format!("{n:016x}");
+        (format!("{}{lease}", self.tag_prefix), lease)
+    }
+
+    /// Appends to the ledger, if there is one.
+    fn journal(&self, record: Record) -> Result<(), LedgerError> {
+        match &self.ledger {
+            Some(ledger) => ledger.append(&record),
+            None => Ok(()),
+        }
+    }
+
+    /// Records that a key is gone. A failed write only means the next start revokes an
+    /// already revoked key, which providers accept.
+    pub(super) fn journal_revoked(&self, lease: &str) {
+        let at = format_expiration(self.clock.now());
+        if let Err(e) = self.journal(Record::Revoked {
+            lease: lease.to_string(),
+            at,
+        }) {
+            tracing::error!(profile = %self.name, lease, error = %e, "could not record a revocation in the ledger");
+        }
+    }
+
+    /// At stop: tries to settle lost creates twice (a lease is closed as never created only
+    /// after two listings miss it), logging the ones that stay open in the ledger.
+    pub(super) async fn settle_pending(&self) {
+        for _ in 0..2 {
+            if self.pending.lock().expect("pending lock").is_empty() {
+                return;
+            }
+            let _ = self.resolve_pending().await;
+        }
+        for p in self.pending.lock().expect("pending lock").iter() {
+            tracing::error!(profile = %self.name, tag = %p.tag, "a create whose answer was lost is unsettled at stop; the next start finds it by its tag");
+        }
+    }
+
+    /// Settles creates whose answer was lost, before any new create (never a blind second
+    /// create): the provider's listing shows the key by its tag, and the key is revoked (its
+    /// secret was lost with the answer, so it cannot be served). A lease missing from a listing
+    /// is looked for again at the next create, and closed as never created after two misses.
+    /// Only a found key that could not be revoked, or a failed listing, holds up new creates.
+    async fn resolve_pending(&self) -> Result<(), ProviderError> {
+        let pending = self.pending.lock().expect("pending lock").clone();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let listed = self.provider.list_keys().await.map_err(|e| {
+            ProviderError::Transient(format!(
+                "a create's answer was lost and listing the keys to find it failed, so no new key is made yet: {e}"
+            ))
+        })?;
+        let mut still = Vec::new();
+        let mut blocked = 0;
+        for mut p in pending {
+            match listed
+                .iter()
+                .find(|k| k.tag.as_deref() == Some(p.tag.as_str()))
+            {
+                Some(found) => match self.provider.revoke(&found.handle).await {
+                    Ok(()) => {
+                        self.counters.revokes.fetch_add(1, Ordering::Relaxed);
+                        self.journal_revoked(&p.lease);
+                        tracing::warn!(profile = %self.name, key_id = %found.handle.access_key_id, tag = %p.tag, "found the key of a create whose answer was lost; revoked it");
+                    }
+                    Err(e) => {
+                        tracing::warn!(profile = %self.name, key_id = %found.handle.access_key_id, error = %e, "could not revoke the key of a lost create; will retry");
+                        blocked += 1;
+                        still.push(p);
+                    }
+                },
+                None if p.misses >= 1 => {
+                    self.journal_revoked(&p.lease);
+                    tracing::info!(profile = %self.name, tag = %p.tag, "a lost create made no key");
+                }
+                None => {
+                    p.misses += 1;
+                    still.push(p);
+                }
+            }
+        }
+        *self.pending.lock().expect("pending lock") = still;
+        if blocked > 0 {
+            return Err(ProviderError::Transient(format!(
+                "the key of {blocked} create(s) whose answer was lost could not be revoked yet; no new key until it is"
+            )));
+        }
+        Ok(())
     }
 
     /// Mints, keeping within the provider's key limit: the oldest retired key is revoked first
@@ -472,6 +625,7 @@ impl Slot {
             match self.provider.revoke(&oldest.key.handle).await {
                 Ok(()) => {
                     self.counters.revokes.fetch_add(1, Ordering::Relaxed);
+                    self.journal_revoked(&oldest.key.lease);
                     tracing::info!(profile = %self.name, key_id = %id, limit, "revoked a retired key early to stay within the provider's key limit");
                 }
                 Err(e) => {
@@ -502,7 +656,9 @@ impl Slot {
             .as_ref()
             .map(|k| k.handle.access_key_id.clone());
         let ours = |k: &&crate::provider::ListedKey| {
-            k.tag.as_deref().is_some_and(|t| t.starts_with(TAG_PREFIX))
+            k.tag
+                .as_deref()
+                .is_some_and(|t| t.starts_with(&*self.tag_prefix))
         };
         let victim = keys
             .iter()
@@ -528,6 +684,13 @@ impl Slot {
             ))
         })?;
         self.counters.revokes.fetch_add(1, Ordering::Relaxed);
+        if let Some(lease) = victim
+            .tag
+            .as_deref()
+            .and_then(|t| t.strip_prefix(&*self.tag_prefix))
+        {
+            self.journal_revoked(lease);
+        }
         self.lock()
             .retired
             .retain(|r| r.key.handle.access_key_id != victim.handle.access_key_id);
@@ -535,11 +698,51 @@ impl Slot {
         Ok(())
     }
 
+    /// One create, journaled: settle lost creates first, record the intent, create, record
+    /// the outcome (minted; closed when the provider refused; pending when the answer was lost).
+    async fn mint_journaled(&self, tag: &str, lease: &str) -> Result<MintedKey, ProviderError> {
+        self.resolve_pending().await?;
+        self.journal(Record::Intent {
+            lease: lease.to_string(),
+            profile: self.name.to_string(),
+            provider: self.provider.kind(),
+            tag: tag.to_string(),
+            at: format_expiration(self.clock.now()),
+        })
+        .map_err(|e| ProviderError::Transient(format!("not minting: {e}")))?;
+        let result = self.mint_within_limit(tag).await;
+        match &result {
+            Ok(key) => {
+                let minted = Record::Minted {
+                    lease: lease.to_string(),
+                    key_id: key.access_key_id.clone(),
+                    handle: key.revoke_handle.clone(),
+                    expires_at: format_expiration(key.expires_at),
+                };
+                if let Err(e) = self.journal(minted) {
+                    // The intent is on disk: a restart still finds the key by its tag.
+                    tracing::error!(profile = %self.name, key_id = %key.access_key_id, error = %e, "could not record a minted key in the ledger");
+                }
+            }
+            // No answer, or one we could not read: the key may exist.
+            Err(ProviderError::Lost(_) | ProviderError::Malformed(_)) => {
+                self.pending.lock().expect("pending lock").push(Pending {
+                    lease: lease.to_string(),
+                    tag: tag.to_string(),
+                    misses: 0,
+                });
+            }
+            // The provider answered no: nothing was made.
+            Err(_) => self.journal_revoked(lease),
+        }
+        result
+    }
+
     async fn mint_once(&self) {
-        let tag = self.new_tag();
+        let (tag, lease) = self.new_lease();
         let kind = self.provider.kind();
         tracing::debug!(profile = %self.name, provider = %kind, %tag, "minting a key");
-        let result = self.mint_within_limit(&tag).await;
+        let result = self.mint_journaled(&tag, &lease).await;
         let now = self.clock.now();
         let result = result.and_then(|key| {
             {
@@ -560,7 +763,7 @@ impl Slot {
                 // Not servable: keep it only to revoke it.
                 self.lock().retired.push(Retired {
                     revoke_at: now,
-                    key: Arc::new(ReadyKey::new(key, tag.clone())),
+                    key: Arc::new(ReadyKey::new(key, tag.clone(), lease.clone())),
                     failures: 0,
                 });
                 e
@@ -571,7 +774,7 @@ impl Slot {
         st.in_flight = false;
         match result {
             Ok(key) => {
-                let ready = Arc::new(ReadyKey::new(key, tag));
+                let ready = Arc::new(ReadyKey::new(key, tag, lease));
                 let renew_at = self.policy.renew_at(ready.expires_at, jitter);
                 st.renew_at = Some(renew_at);
                 st.failures_in_row = 0;
@@ -646,6 +849,7 @@ impl Slot {
             match outcome {
                 Ok(()) => {
                     self.counters.revokes.fetch_add(1, Ordering::Relaxed);
+                    self.journal_revoked(&r.key.lease);
                     tracing::info!(profile = %self.name, key_id = %r.key.handle.access_key_id, "revoked retired key");
                 }
                 Err(e) => {

@@ -96,7 +96,7 @@ fn status_error(call: &str, resp: &HttpResponse) -> ProviderError {
             retry_after: retry_after(&resp.headers),
             message,
         },
-        s if s.is_server_error() => ProviderError::Transient(message),
+        s if s.is_server_error() => super::server_error(s, message),
         _ => ProviderError::Rejected(message),
     }
 }

@@ -139,7 +139,7 @@ fn status_error(function: &str, resp: &HttpResponse) -> ProviderError {
             retry_after: retry_after(&resp.headers),
             message,
         },
-        s if s.is_server_error() => ProviderError::Transient(message),
+        s if s.is_server_error() => super::server_error(s, message),
         // glesys-go's own fixture answers bad credentials with 400 "Unauthorized".
         _ if said.to_ascii_lowercase().contains("unauthorized") => ProviderError::Auth(message),
         _ => ProviderError::Rejected(message),
@@ -278,8 +278,12 @@ mod tests {
             "{e:?}"
         );
         assert!(matches!(
-            status_error("x", &resp(502, "")),
+            status_error("x", &resp(503, "")),
             ProviderError::Transient(_)
+        ));
+        assert!(matches!(
+            status_error("x", &resp(504, "")),
+            ProviderError::Lost(_)
         ));
     }
 

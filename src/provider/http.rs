@@ -133,12 +133,13 @@ impl HttpClient {
     }
 
     /// Sends `req` and buffers the answer, within the per-call timeout. Transport failures and
-    /// timeouts are [`ProviderError::Transient`]; the status is left to the caller to map.
+    /// timeouts are [`ProviderError::Transient`] when nothing was sent and [`ProviderError::Lost`]
+    /// otherwise; the status is left to the caller to map.
     pub async fn send(&self, req: Request<Bytes>) -> Result<HttpResponse, ProviderError> {
         let what = format!("{} {}", req.method(), req.uri().path());
         match tokio::time::timeout(self.timeout, self.send_inner(req)).await {
             Ok(result) => result,
-            Err(_) => Err(ProviderError::Transient(format!(
+            Err(_) => Err(ProviderError::Lost(format!(
                 "{what}: no answer within {}",
                 humantime::format_duration(self.timeout)
             ))),
@@ -163,15 +164,19 @@ impl HttpClient {
                     if chain.contains("certificate") {
                         chain.push_str(" (if the API uses a private CA, set ca_file)");
                     }
-                    ProviderError::Transient(format!("{what}: {chain}"))
+                    // Failing to connect means nothing was sent; any later failure may
+                    // come after the provider acted on the request.
+                    if e.is_connect() {
+                        ProviderError::Transient(format!("{what}: {chain}"))
+                    } else {
+                        ProviderError::Lost(format!("{what}: {chain}"))
+                    }
                 })?;
                 let (parts, body) = resp.into_parts();
                 let body = http_body_util::Limited::new(body, MAX_BODY)
                     .collect()
                     .await
-                    .map_err(|e| {
-                        ProviderError::Transient(format!("{what}: reading the answer: {e}"))
-                    })?
+                    .map_err(|e| ProviderError::Lost(format!("{what}: reading the answer: {e}")))?
                     .to_bytes();
                 Ok(HttpResponse {
                     status: parts.status,

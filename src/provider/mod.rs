@@ -64,9 +64,14 @@ impl std::fmt::Display for ProviderKind {
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ProviderError {
-    /// Network failure, timeout or 5xx: back off and retry.
+    /// The provider refused for now (5xx) or could not be reached: back off and retry.
     #[error("{0}")]
     Transient(String),
+    /// The request may have been carried out, but its answer was lost (a timeout or broken
+    /// connection after sending, a gateway error, an unreadable success). For a create, the key
+    /// may exist: it is found by its tag before any new create.
+    #[error("{0}")]
+    Lost(String),
     /// 429: retry no sooner than `retry_after` when the provider said so.
     #[error("{message}")]
     RateLimited {
@@ -94,7 +99,9 @@ impl ProviderError {
     /// fix quickly wait longer, so a crowd of clients cannot turn into a retry storm.
     pub fn retry_floor(&self) -> Duration {
         match self {
-            ProviderError::Transient(_) | ProviderError::Malformed(_) => Duration::from_secs(1),
+            ProviderError::Transient(_) | ProviderError::Lost(_) | ProviderError::Malformed(_) => {
+                Duration::from_secs(1)
+            }
             ProviderError::RateLimited { retry_after, .. } => retry_after
                 .unwrap_or(Duration::from_secs(5))
                 .max(Duration::from_secs(1)),
@@ -108,12 +115,24 @@ impl ProviderError {
     pub fn code(&self) -> &'static str {
         match self {
             ProviderError::Transient(_) => "transient",
+            ProviderError::Lost(_) => "lost",
             ProviderError::RateLimited { .. } => "rate_limited",
             ProviderError::Auth(_) => "auth",
             ProviderError::Rejected(_) => "rejected",
             ProviderError::LimitReached(_) => "limit_reached",
             ProviderError::Malformed(_) => "malformed",
         }
+    }
+}
+
+/// Maps a server-error status: gateways (502, 504) may have passed the request on before
+/// failing, so its outcome is unknown; any other 5xx is the provider's own refusal.
+pub fn server_error(status: ::http::StatusCode, message: String) -> ProviderError {
+    match status {
+        ::http::StatusCode::BAD_GATEWAY | ::http::StatusCode::GATEWAY_TIMEOUT => {
+            ProviderError::Lost(message)
+        }
+        _ => ProviderError::Transient(message),
     }
 }
 

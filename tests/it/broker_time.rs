@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use keybroker::broker::{Broker, ProfileSpec, RenewPolicy, ServeError, DEFAULT_MINT_WAIT};
+use keybroker::broker::{Broker, BrokerOptions, ProfileSpec, RenewPolicy, ServeError};
 use keybroker::clock::{positive, Clock};
 use keybroker::provider::Provider;
 
@@ -27,6 +27,11 @@ fn broker_with(
     prewarm: bool,
     seed: u64,
 ) -> Broker {
+    let options = BrokerOptions {
+        seed: Some(seed),
+        tag_prefix: TEST_TAG_PREFIX.to_string(),
+        ..BrokerOptions::new(clock.clone())
+    };
     Broker::start(
         vec![ProfileSpec {
             name: "p".into(),
@@ -34,12 +39,14 @@ fn broker_with(
             policy,
             prewarm,
             revoke_on_shutdown: true,
+            adopted: Vec::new(),
         }],
-        clock.clone(),
-        Some(seed),
-        DEFAULT_MINT_WAIT,
+        options,
     )
 }
+
+/// The tag prefix of the brokers in these tests.
+const TEST_TAG_PREFIX: &str = "keybroker-test-0000cafe-";
 
 /// A broker for profile `p` of CoreWeave against `fake`, with the right token or a wrong one.
 fn broker_for(
@@ -423,9 +430,9 @@ async fn a_third_party_crusoe_key_is_never_touched_and_is_reported() {
 async fn leftover_keybroker_keys_are_evicted_to_make_room() {
     let clock = Clock::tokio();
     let fake = FakeCloud::new(clock.clone());
-    let oldest = fake.add_crusoe_key("keybroker-leftover-1", false);
+    let oldest = fake.add_crusoe_key(&format!("{TEST_TAG_PREFIX}leftover1"), false);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let newer = fake.add_crusoe_key("keybroker-leftover-2", false);
+    let newer = fake.add_crusoe_key(&format!("{TEST_TAG_PREFIX}leftover2"), false);
     let broker = broker_with(
         fake.provider("crusoe", &clock, false),
         &clock,

@@ -295,7 +295,8 @@ async fn no_secret_reaches_logs_errors_or_status() {
     );
 }
 
-/// A live daemon's socket is never taken over; a dead one's is.
+/// A live daemon's socket is never taken over; a dead one's is. Two daemons never share a
+/// state directory: the second names the first's pid.
 #[test]
 fn a_live_socket_is_refused_and_a_stale_one_replaced() {
     let env = Env::new();
@@ -303,6 +304,18 @@ fn a_live_socket_is_refused_and_a_stale_one_replaced() {
     let first = env.serve(&config, "info");
     let (code, _, stderr) = env.run(&["serve", "--config", config.to_str().unwrap()]);
     assert_eq!(code, 1);
+    let holder = format!(
+        "another keybroker (pid {}) is using the state directory",
+        first.pid()
+    );
+    assert!(stderr.contains(&holder), "{stderr}");
+    let other_state = env
+        .command(&["serve", "--config", config.to_str().unwrap()])
+        .env("STATE_DIRECTORY", env.path("other-state"))
+        .output()
+        .unwrap();
+    assert_eq!(other_state.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&other_state.stderr);
     assert!(
         stderr.contains("another keybroker is already serving on"),
         "{stderr}"

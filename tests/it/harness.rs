@@ -32,6 +32,11 @@ impl Env {
         self.path("run/keybroker.sock")
     }
 
+    /// The daemon's state directory (ledger, lock, instance id).
+    pub fn state_dir(&self) -> PathBuf {
+        self.path("state")
+    }
+
     /// Writes a private file (mode 0600).
     pub fn secret_file(&self, name: &str, content: &str) -> PathBuf {
         let p = self.path(name);
@@ -53,6 +58,7 @@ impl Env {
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("KEYBROKER_SOCKET", self.socket())
+            .env("STATE_DIRECTORY", self.state_dir())
             .env("HOME", self.dir.path())
             .current_dir(self.dir.path());
         c

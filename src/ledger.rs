@@ -1,0 +1,395 @@
+//! The ledger: a crash-safe journal of every key the broker ever asked for, so that no key
+//! outlives the process that minted it (DESIGN.md §6).
+//!
+//! `state_dir/ledger.jsonl`, mode 0600, one JSON record per line, appended and fsynced before
+//! the step it records is trusted: `intent` before a create (lease, profile, provider, tag),
+//! `minted` after it (key id, revoke handle, expiry), `revoked` once the key is gone. Never a
+//! secret. A lease with no `revoked` record is open: start-up (and `keybroker sweep`) revokes
+//! it, by its handle or, when only the intent was written, by finding its tag in the
+//! provider's listing; then the file is compacted to the leases still open.
+//!
+//! One daemon per state dir: `state_dir/lock` is held with an exclusive `flock` and names the
+//! holder's pid.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rustix::fs::FlockOperation;
+use serde::{Deserialize, Serialize};
+
+use crate::provider::ProviderKind;
+
+/// One line of the ledger.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Record {
+    /// Written before a create: if the answer is lost, the tag finds the key.
+    Intent {
+        /// The lease id.
+        lease: String,
+        /// The profile.
+        profile: String,
+        /// The provider.
+        provider: ProviderKind,
+        /// The tag the key is created with.
+        tag: String,
+        /// When (RFC 3339).
+        at: String,
+    },
+    /// Written after a create answered.
+    Minted {
+        /// The lease id.
+        lease: String,
+        /// The access key id.
+        key_id: String,
+        /// What revokes it.
+        handle: String,
+        /// Its expiry (RFC 3339).
+        expires_at: String,
+    },
+    /// Written once the key is revoked, or known never to have been made.
+    Revoked {
+        /// The lease id.
+        lease: String,
+        /// When (RFC 3339).
+        at: String,
+    },
+}
+
+/// A lease not yet closed by a `revoked` record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenLease {
+    /// The lease id.
+    pub lease: String,
+    /// The profile that minted it.
+    pub profile: String,
+    /// The provider.
+    pub provider: ProviderKind,
+    /// The key's tag.
+    pub tag: String,
+    /// When the intent was written.
+    pub at: String,
+    /// `(key id, revoke handle, expiry)` once the create answered.
+    pub minted: Option<(String, String, String)>,
+}
+
+/// What reading the ledger found.
+#[derive(Debug, Default)]
+pub struct Replay {
+    /// Leases to finish, oldest first.
+    pub open: Vec<OpenLease>,
+    /// Lines that could not be read: (line number, why). Skipped, reported.
+    pub bad_lines: Vec<(usize, String)>,
+    /// The last line had no newline: a write cut short by power loss. Skipped, reported.
+    pub torn_tail: bool,
+}
+
+/// Why the ledger could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// Another daemon holds the state dir.
+    #[error("another keybroker (pid {pid}) is using the state directory {dir}; stop it first, or give this one another state_dir")]
+    Locked {
+        /// The state dir.
+        dir: PathBuf,
+        /// The holder's pid, as it wrote it.
+        pid: String,
+    },
+    /// A file operation failed.
+    #[error("ledger {path}: {what}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The step.
+        what: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+fn io_err(path: &Path, what: &'static str) -> impl FnOnce(io::Error) -> LedgerError {
+    let path = path.to_path_buf();
+    move |source| LedgerError::Io { path, what, source }
+}
+
+/// The open ledger, holding the state dir's lock.
+#[derive(Debug)]
+pub struct Ledger {
+    dir: PathBuf,
+    path: PathBuf,
+    file: Mutex<File>,
+    _lock: File,
+}
+
+impl Ledger {
+    /// Opens (creating if needed) the ledger in `state_dir` and takes the state dir's lock.
+    pub fn open(state_dir: &Path) -> Result<Ledger, LedgerError> {
+        std::fs::create_dir_all(state_dir)
+            .map_err(io_err(state_dir, "creating the state directory"))?;
+        let lock_path = state_dir.join("lock");
+        let mut lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path, "opening the lock file"))?;
+        if rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive).is_err() {
+            let mut pid = String::new();
+            let _ = lock.read_to_string(&mut pid);
+            return Err(LedgerError::Locked {
+                dir: state_dir.to_path_buf(),
+                pid: pid.trim().to_string(),
+            });
+        }
+        lock.set_len(0)
+            .map_err(io_err(&lock_path, "writing the lock file"))?;
+        writeln!(lock, "{}", std::process::id())
+            .map_err(io_err(&lock_path, "writing the lock file"))?;
+        let path = state_dir.join("ledger.jsonl");
+        let file = open_append(&path)?;
+        Ok(Ledger {
+            dir: state_dir.to_path_buf(),
+            path,
+            file: Mutex::new(file),
+            _lock: lock,
+        })
+    }
+
+    /// The ledger file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends `record` and waits until it is on disk.
+    pub fn append(&self, record: &Record) -> Result<(), LedgerError> {
+        let mut line = serde_json::to_vec(record).expect("records serialize");
+        line.push(b'\n');
+        let mut file = self.file.lock().expect("ledger lock poisoned");
+        file.write_all(&line)
+            .map_err(io_err(&self.path, "appending"))?;
+        file.sync_data().map_err(io_err(&self.path, "syncing"))
+    }
+
+    /// Reads every record and works out which leases are still open.
+    pub fn replay(&self) -> Result<Replay, LedgerError> {
+        let file = File::open(&self.path).map_err(io_err(&self.path, "reading"))?;
+        let mut reader = BufReader::new(file);
+        let mut replay = Replay::default();
+        let mut leases: BTreeMap<String, (usize, OpenLease)> = BTreeMap::new();
+        let mut buf = Vec::new();
+        let mut number = 0;
+        loop {
+            buf.clear();
+            let n = reader
+                .read_until(b'\n', &mut buf)
+                .map_err(io_err(&self.path, "reading"))?;
+            if n == 0 {
+                break;
+            }
+            number += 1;
+            if buf.last() != Some(&b'\n') {
+                replay.torn_tail = true;
+                break;
+            }
+            let text = String::from_utf8_lossy(&buf);
+            let text = text.trim();
+            if text.is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<Record>(text) {
+                Ok(Record::Intent {
+                    lease,
+                    profile,
+                    provider,
+                    tag,
+                    at,
+                }) => {
+                    let open = OpenLease {
+                        lease: lease.clone(),
+                        profile,
+                        provider,
+                        tag,
+                        at,
+                        minted: None,
+                    };
+                    leases.insert(lease, (number, open));
+                }
+                Ok(Record::Minted {
+                    lease,
+                    key_id,
+                    handle,
+                    expires_at,
+                }) => match leases.get_mut(&lease) {
+                    Some((_, open)) => open.minted = Some((key_id, handle, expires_at)),
+                    None => replay
+                        .bad_lines
+                        .push((number, format!("minted record for unknown lease {lease}"))),
+                },
+                Ok(Record::Revoked { lease, .. }) => {
+                    leases.remove(&lease);
+                }
+                Err(e) => replay.bad_lines.push((number, e.to_string())),
+            }
+        }
+        let mut open: Vec<(usize, OpenLease)> = leases.into_values().collect();
+        open.sort_by_key(|(n, _)| *n);
+        replay.open = open.into_iter().map(|(_, l)| l).collect();
+        Ok(replay)
+    }
+
+    /// Rewrites the ledger to hold only `open` (written to a new file, synced, renamed over
+    /// the old one), so that it does not grow without bound.
+    pub fn compact(&self, open: &[OpenLease]) -> Result<(), LedgerError> {
+        let tmp = self.dir.join("ledger.jsonl.tmp");
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err(&tmp, "creating"))?;
+        for lease in open {
+            let mut lines = vec![Record::Intent {
+                lease: lease.lease.clone(),
+                profile: lease.profile.clone(),
+                provider: lease.provider,
+                tag: lease.tag.clone(),
+                at: lease.at.clone(),
+            }];
+            if let Some((key_id, handle, expires_at)) = &lease.minted {
+                lines.push(Record::Minted {
+                    lease: lease.lease.clone(),
+                    key_id: key_id.clone(),
+                    handle: handle.clone(),
+                    expires_at: expires_at.clone(),
+                });
+            }
+            for record in lines {
+                let mut line = serde_json::to_vec(&record).expect("records serialize");
+                line.push(b'\n');
+                out.write_all(&line).map_err(io_err(&tmp, "writing"))?;
+            }
+        }
+        out.sync_all().map_err(io_err(&tmp, "syncing"))?;
+        let mut file = self.file.lock().expect("ledger lock poisoned");
+        std::fs::rename(&tmp, &self.path).map_err(io_err(&self.path, "replacing"))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&self.dir, "syncing the directory"))?;
+        *file = open_append(&self.path)?;
+        Ok(())
+    }
+}
+
+fn open_append(path: &Path) -> Result<File, LedgerError> {
+    let file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path, "opening"))?;
+    // An existing file keeps its mode on open: make sure it is private.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err(path, "setting its mode"))?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn intent(lease: &str) -> Record {
+        Record::Intent {
+            lease: lease.into(),
+            profile: "p".into(),
+            provider: ProviderKind::Coreweave,
+            tag: format!("keybroker-h-i-{lease}"),
+            at: "2026-11-23T18:00:00Z".into(),
+        }
+    }
+
+    #[test]
+    fn open_leases_are_those_without_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        ledger.append(&intent("a")).unwrap();
+        ledger
+            .append(&Record::Minted {
+                lease: "a".into(),
+                key_id: "K".into(),
+                handle: "K".into(),
+                expires_at: "x".into(),
+            })
+            .unwrap();
+        ledger.append(&intent("b")).unwrap();
+        ledger.append(&intent("c")).unwrap();
+        ledger
+            .append(&Record::Revoked {
+                lease: "b".into(),
+                at: "x".into(),
+            })
+            .unwrap();
+        let replay = ledger.replay().unwrap();
+        let ids: Vec<&str> = replay.open.iter().map(|l| l.lease.as_str()).collect();
+        assert_eq!(ids, ["a", "c"]);
+        assert_eq!(replay.open[0].minted.as_ref().unwrap().0, "K");
+        assert!(replay.bad_lines.is_empty() && !replay.torn_tail);
+        let mode = std::fs::metadata(ledger.path())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+
+        ledger.compact(&replay.open).unwrap();
+        let again = ledger.replay().unwrap();
+        assert_eq!(again.open, replay.open);
+        ledger
+            .append(&Record::Revoked {
+                lease: "a".into(),
+                at: "x".into(),
+            })
+            .unwrap();
+        assert_eq!(
+            ledger.replay().unwrap().open.len(),
+            1,
+            "appends go to the compacted file"
+        );
+    }
+
+    #[test]
+    fn torn_tails_and_garbage_are_skipped_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        ledger.append(&intent("a")).unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(ledger.path())
+            .unwrap()
+            .write_all(b"not json at all\n{\"event\":\"bogus\"}\n{\"event\":\"intent\",\"lea")
+            .unwrap();
+        let replay = ledger.replay().unwrap();
+        assert_eq!(replay.open.len(), 1);
+        assert!(replay.torn_tail);
+        assert_eq!(
+            replay.bad_lines.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+            [2, 3]
+        );
+    }
+
+    #[test]
+    fn a_second_opener_is_refused_with_the_holders_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Ledger::open(dir.path()).unwrap();
+        match Ledger::open(dir.path()) {
+            Err(LedgerError::Locked { pid, .. }) => assert_eq!(pid, std::process::id().to_string()),
+            other => panic!("expected Locked, got {other:?}"),
+        }
+    }
+}
