@@ -203,6 +203,7 @@ pub fn profiles_from(config: &Config, clock: &Clock) -> Result<Vec<ProfileSpec>,
                 prewarm: p.prewarm,
                 revoke_on_shutdown: p.revoke_on_shutdown,
                 adopted: Vec::new(),
+                unsettled: Vec::new(),
             })
         })
         .collect()
@@ -291,9 +292,10 @@ pub async fn run(
             tracing::warn!(state_dir = %dir.display(), "recovery: {line}");
         }
         tracing::info!(revoked = recovery.revoked, unfinished = recovery.unfinished, ledger = %state.ledger.path().display(), "recovery done");
-        let mut adopted = recovery.adopted;
+        let (mut adopted, mut unsettled) = (recovery.adopted, recovery.unsettled);
         for p in &mut profiles {
             p.adopted = adopted.remove(&p.name).unwrap_or_default();
+            p.unsettled = unsettled.remove(&p.name).unwrap_or_default();
         }
         broker.ledger = Some(state.ledger);
         broker.tag_prefix = state.tag_prefix;

@@ -31,6 +31,9 @@ pub struct Recovery {
     pub lines: Vec<String>,
     /// Keys to track until their expiry, by profile (`revoke_on_shutdown = false`).
     pub adopted: BTreeMap<String, Vec<Adopted>>,
+    /// Creates not found by their tag, by profile, as (lease, tag): a create cut off by a
+    /// crash may still land, so the profile looks once more before its next create.
+    pub unsettled: BTreeMap<String, Vec<(String, String)>>,
     /// Leases that could not be finished: they stay in the ledger for the next try.
     pub unfinished: usize,
     /// Keys revoked.
@@ -155,6 +158,17 @@ pub async fn recover(
                                     still_open.push(lease);
                                 }
                             }
+                        }
+                        None if daemon => {
+                            out.lines.push(format!(
+                                "lease {} of profile {profile}: no key carries its tag yet; the profile looks once more before its next create",
+                                lease.lease
+                            ));
+                            out.unsettled
+                                .entry(profile)
+                                .or_default()
+                                .push((lease.lease.clone(), lease.tag.clone()));
+                            still_open.push(lease);
                         }
                         None => {
                             ledger.append(&closed(&lease))?;

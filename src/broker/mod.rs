@@ -34,6 +34,8 @@ pub struct ProfileSpec {
     pub revoke_on_shutdown: bool,
     /// Keys of an earlier run to track as retired and revoke at their expiry.
     pub adopted: Vec<Adopted>,
+    /// Creates of an earlier run not found by tag yet, as (lease, tag): looked for once more.
+    pub unsettled: Vec<(String, String)>,
 }
 
 /// How the broker runs its slots.
@@ -138,17 +140,11 @@ impl Broker {
         let tasks = TaskTracker::new();
         let mut slots = BTreeMap::new();
         for spec in profiles {
-            let slot = Arc::new(Slot::new(
-                &spec.name,
-                spec.provider,
-                spec.policy,
-                spec.prewarm,
-                SmallRng::seed_from_u64(seeder.gen()),
-                context.clone(),
-                spec.adopted,
-            ));
+            let (name, revoke) = (spec.name.clone(), spec.revoke_on_shutdown);
+            let rng = SmallRng::seed_from_u64(seeder.gen());
+            let slot = Arc::new(Slot::new(spec, rng, context.clone()));
             tasks.spawn(Arc::clone(&slot).drive(cancel.child_token()));
-            slots.insert(spec.name, (slot, spec.revoke_on_shutdown));
+            slots.insert(name, (slot, revoke));
         }
         tasks.close();
         Broker {

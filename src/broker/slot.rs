@@ -14,6 +14,7 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::policy::{backoff, retry_delay, RenewPolicy};
+use super::ProfileSpec;
 use crate::clock::{positive, Clock};
 use crate::credentials::{self, format_expiration};
 use crate::ledger::{Ledger, LedgerError, Record};
@@ -222,15 +223,16 @@ pub struct CountersSnapshot {
 
 impl Slot {
     /// A slot for profile `name`. `prewarm` makes the driver mint at once.
-    pub fn new(
-        name: &str,
-        provider: Arc<dyn Provider>,
-        policy: RenewPolicy,
-        prewarm: bool,
-        rng: SmallRng,
-        context: SlotContext,
-        adopted: Vec<Adopted>,
-    ) -> Self {
+    pub fn new(spec: ProfileSpec, rng: SmallRng, context: SlotContext) -> Self {
+        let ProfileSpec {
+            name,
+            provider,
+            policy,
+            prewarm,
+            adopted,
+            unsettled,
+            ..
+        } = spec;
         let SlotContext {
             clock,
             mint_wait,
@@ -277,7 +279,17 @@ impl Slot {
             mint_wait,
             ledger,
             tag_prefix,
-            pending: Mutex::new(Vec::new()),
+            // Already missed once by recovery's listing: one more miss closes them.
+            pending: Mutex::new(
+                unsettled
+                    .into_iter()
+                    .map(|(lease, tag)| Pending {
+                        lease,
+                        tag,
+                        misses: 1,
+                    })
+                    .collect(),
+            ),
         }
     }
 

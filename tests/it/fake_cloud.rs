@@ -11,7 +11,6 @@
 //! binary) or in process (for paused-time tests). Mirrored into moto, its keys are real S3 keys.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -80,7 +79,17 @@ pub struct Faults {
     pub malformed_create: bool,
     /// Mint normally but report this expiry (e.g. a "never expires" sentinel).
     pub expiry_override: Option<String>,
+    /// Make the key of this many creates, then drop the answer (the connection closes; in
+    /// process, no answer ever comes).
+    pub drop_create_responses: usize,
+    /// Delay before answering a revoke (the key is revoked on arrival).
+    pub revoke_latency: Duration,
+    /// Answer revokes as failed (500) without revoking.
+    pub fail_revokes: bool,
 }
+
+/// The status the router uses to mean "drop this answer".
+const DROP: u16 = 599;
 
 #[derive(Default)]
 struct State {
@@ -378,7 +387,14 @@ impl FakeCloud {
         let me = Arc::clone(self);
         Arc::new(move |req: Request<Bytes>| {
             let me = Arc::clone(&me);
-            Box::pin(async move { me.route(req).await })
+            Box::pin(async move {
+                let resp = me.route(req).await;
+                if resp.status().as_u16() == DROP {
+                    // A dropped answer never comes: the caller's timeout ends the wait.
+                    std::future::pending::<()>().await;
+                }
+                resp
+            })
         })
     }
 
@@ -428,7 +444,13 @@ impl FakeCloud {
                                     .map(|b| b.to_bytes())
                                     .unwrap_or_default();
                                 let resp = me.route(Request::from_parts(parts, body)).await;
-                                Ok::<_, Infallible>(resp.map(Full::new))
+                                if resp.status().as_u16() == DROP {
+                                    // An error from the service closes the connection unanswered.
+                                    return Err(std::io::Error::other(
+                                        "answer dropped by the fake",
+                                    ));
+                                }
+                                Ok(resp.map(Full::new))
                             }
                         });
                     let http = hyper::server::conn::http1::Builder::new();
@@ -459,6 +481,15 @@ impl FakeCloud {
     async fn route(&self, req: Request<Bytes>) -> Response<Bytes> {
         self.count("request");
         let path = req.uri().path().to_string();
+        let is_revoke = path.starts_with("/v1/cwobject/revoke-access-key")
+            || req.method() == Method::DELETE
+            || path.ends_with("/deletecredential");
+        if is_revoke && self.faults().fail_revokes {
+            self.count("revoke");
+            let body = json!({"code": "internal_error", "message": "revoke failed (injected)",
+                "response": {"status": {"code": 500, "text": "revoke failed (injected)"}}});
+            return reply(StatusCode::INTERNAL_SERVER_ERROR, body);
+        }
         if path.starts_with("/v1/cwobject/") {
             self.coreweave(req).await
         } else if let Some(rest) = path.strip_prefix("/v1alpha5") {
@@ -779,9 +810,6 @@ impl FakeCloud {
     ) -> Result<FakeKey, Response<Bytes>> {
         self.count("create");
         let faults = self.faults();
-        if !faults.create_latency.is_zero() {
-            tokio::time::sleep(faults.create_latency).await;
-        }
         if let Some((status, message)) = faults.create_status {
             let mut resp = error(StatusCode::from_u16(status).unwrap(), &message);
             if let Some(secs) = faults.retry_after {
@@ -832,22 +860,38 @@ impl FakeCloud {
             foreign: false,
             iam_user,
         };
-        let mut st = self.lock();
-        st.keys.insert(key.id.clone(), key.clone());
-        let live = st
-            .keys
-            .values()
-            .filter(|k| k.provider == provider && k.live_at(now))
-            .count();
-        let peak = st.peak_live.entry(provider).or_default();
-        *peak = (*peak).max(live);
+        let drop_answer = {
+            let mut st = self.lock();
+            st.keys.insert(key.id.clone(), key.clone());
+            let live = st
+                .keys
+                .values()
+                .filter(|k| k.provider == provider && k.live_at(now))
+                .count();
+            let peak = st.peak_live.entry(provider).or_default();
+            *peak = (*peak).max(live);
+            let drop_answer = st.faults.drop_create_responses > 0;
+            if drop_answer {
+                st.faults.drop_create_responses -= 1;
+            }
+            drop_answer
+        };
+        // The key exists from the moment the request arrived; only the answer is slow.
+        if !faults.create_latency.is_zero() {
+            tokio::time::sleep(faults.create_latency).await;
+        }
+        if drop_answer {
+            self.count("dropped");
+            return Err(Response::builder().status(DROP).body(Bytes::new()).unwrap());
+        }
         Ok(key)
     }
 
     /// Revokes a key of `provider` by id; false if it is unknown or already revoked.
     async fn revoke(&self, provider: &str, id: &str) -> bool {
         self.count("revoke");
-        if self.faults().hang_revokes {
+        let faults = self.faults();
+        if faults.hang_revokes {
             std::future::pending::<()>().await;
         }
         let now = self.clock.now();
@@ -863,6 +907,9 @@ impl FakeCloud {
         };
         if let Some(user) = mirrored {
             self.unmirror(user, id.to_string()).await;
+        }
+        if !faults.revoke_latency.is_zero() {
+            tokio::time::sleep(faults.revoke_latency).await;
         }
         true
     }

@@ -130,6 +130,13 @@ impl Daemon {
         self.child.as_ref().unwrap().id() as i32
     }
 
+    /// kill -9, and wait until the process is gone.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     pub fn signal(&self, signal: rustix::process::Signal) {
         rustix::process::kill_process(rustix::process::Pid::from_raw(self.pid()).unwrap(), signal)
             .unwrap();

@@ -7,3 +7,4 @@ mod e2e;
 mod fake_cloud;
 mod harness;
 mod moto;
+mod recovery;
