@@ -282,8 +282,14 @@ async fn no_secret_reaches_logs_errors_or_status() {
         "trace logs were captured and saw renewals: {logs}"
     );
     assert!(fake.keys().len() >= 3, "renewals happened");
+    let ledger = std::fs::read_to_string(env.state_dir().join("ledger.jsonl")).unwrap();
+    let lock = std::fs::read_to_string(env.state_dir().join("lock")).unwrap_or_default();
     for secret in fake.secrets() {
         assert!(!logs.contains(&secret), "a secret reached the daemon log");
+        assert!(
+            !ledger.contains(&secret) && !lock.contains(&secret),
+            "a secret reached the state directory"
+        );
         assert!(
             !outputs.contains(&secret),
             "a secret reached client output or status"
