@@ -100,7 +100,7 @@ pub struct ProfileConfig {
     pub prewarm: bool,
     /// Revoke this profile's keys at stop.
     pub revoke_on_shutdown: bool,
-    /// Peer uids allowed to read the profile (the daemon's uid and root always are).
+    /// Peer uids allowed to read the profile (default: the daemon's own uid).
     pub allow_uids: Vec<u32>,
     /// Peer gids allowed to read the profile.
     pub allow_gids: Vec<u32>,
@@ -524,6 +524,12 @@ fn profile_config(
     for group in raw.allow_groups.iter().flatten() {
         allow_gids.push(group_id(loc, group, "allow_groups")?);
     }
+    // Neither key set: the daemon's own user only (DESIGN.md §3). Set: exactly what they say,
+    // so `allow_uids = []` allows no one.
+    let allow_uids = match (&raw.allow_uids, &raw.allow_groups) {
+        (None, None) => vec![rustix::process::getuid().as_raw()],
+        (uids, _) => uids.clone().unwrap_or_default(),
+    };
     Ok(ProfileConfig {
         name,
         provider,
@@ -533,7 +539,7 @@ fn profile_config(
         policy,
         prewarm: raw.prewarm.unwrap_or(true),
         revoke_on_shutdown: raw.revoke_on_shutdown.unwrap_or(true),
-        allow_uids: raw.allow_uids.unwrap_or_default(),
+        allow_uids,
         allow_gids,
     })
 }
@@ -757,7 +763,7 @@ pub fn dev() -> Config {
         },
         prewarm: true,
         revoke_on_shutdown: true,
-        allow_uids: Vec::new(),
+        allow_uids: vec![rustix::process::getuid().as_raw()],
         allow_gids: Vec::new(),
     };
     Config {

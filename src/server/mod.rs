@@ -26,9 +26,9 @@ use crate::broker::{Broker, ServeError};
 /// Who may read what.
 #[derive(Debug, Clone, Default)]
 pub struct Access {
-    /// The daemon's own uid: always allowed, like root.
+    /// The daemon's own uid: it and root may use status and admin calls.
     pub daemon_uid: u32,
-    /// Per profile: allowed uids and gids.
+    /// Per profile: the uids and gids that may read its keys.
     pub profiles: std::collections::HashMap<String, (Vec<u32>, Vec<u32>)>,
 }
 
@@ -46,13 +46,19 @@ impl Access {
         peer.uid == 0 || peer.uid == self.daemon_uid
     }
 
+    /// Whether `peer` may read `profile`: its uid is allowed, or one of its groups (the
+    /// primary gid, then the supplementary groups of its uid) is.
     fn may_read(&self, profile: &str, peer: Peer) -> bool {
-        if self.is_admin(peer) {
+        let Some((uids, gids)) = self.profiles.get(profile) else {
+            return false;
+        };
+        if uids.contains(&peer.uid) || gids.contains(&peer.gid) {
             return true;
         }
-        self.profiles
-            .get(profile)
-            .is_some_and(|(uids, gids)| uids.contains(&peer.uid) || gids.contains(&peer.gid))
+        !gids.is_empty()
+            && crate::users::groups_of(peer.uid, peer.gid)
+                .iter()
+                .any(|g| gids.contains(g))
     }
 }
 
@@ -189,7 +195,7 @@ async fn credentials(app: &App, peer: Peer, profile: &str) -> Response<Body> {
     if !app.access.may_read(profile, peer) {
         return forbidden(
             peer,
-            &format!("add it to allow_uids or allow_groups of profile {profile}"),
+            &format!("profile {profile} allows it neither by allow_uids nor by allow_groups"),
         );
     }
     match app.broker.get(profile).await {

@@ -573,3 +573,53 @@ async fn upstream_refusals_are_one_line_with_the_providers_words() {
     assert!(status.success());
     assert!(fake.live().is_empty());
 }
+
+/// SO_PEERCRED authorization: `allow_uids = []` allows no one, the daemon's own user included;
+/// run as root, the test also connects as `nobody` (uid 65534), who may read only the profile
+/// that names it, and not status.
+#[test]
+fn peers_a_profile_does_not_allow_get_403_and_no_key() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let env = Env::new();
+    let config = env.config(
+        "[server]\nsocket_mode = \"0666\"\n\n[profiles.mine]\nprovider = \"dev\"\n\n[profiles.for-nobody]\nprovider = \"dev\"\nallow_uids = [65534]\n\n[profiles.closed]\nprovider = \"dev\"\nallow_uids = []\n",
+    );
+    let mut daemon = env.serve(&config, "info");
+    let (code, stdout, stderr) = env.run(&["credential-process", "--profile", "closed"]);
+    assert_eq!((code, stdout.as_str()), (1, ""));
+    assert!(
+        stderr.contains("profile closed: access denied")
+            && stderr.contains("allows it neither by allow_uids nor by allow_groups"),
+        "{stderr}"
+    );
+    assert_eq!(env.run(&["credential-process", "--profile", "mine"]).0, 0);
+
+    if rustix::process::getuid().is_root() {
+        std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let as_nobody = |args: &[&str]| {
+            let out = env.command(args).uid(65534).gid(65534).output().unwrap();
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        };
+        let (code, stdout, stderr) = as_nobody(&["credential-process", "--profile", "mine"]);
+        assert_eq!((code, stdout.as_str()), (1, ""), "{stderr}");
+        assert!(
+            stderr.contains("uid 65534 (gid 65534) is not allowed"),
+            "{stderr}"
+        );
+        let (code, stdout, stderr) = as_nobody(&["credential-process", "--profile", "for-nobody"]);
+        assert_eq!(code, 0, "{stderr}");
+        assert!(stdout.contains("\"AccessKeyId\""));
+        let (code, _, stderr) = as_nobody(&["status"]);
+        assert_eq!(code, 1);
+        assert!(
+            stderr.contains("status is for root and the daemon's user"),
+            "{stderr}"
+        );
+    }
+    assert!(daemon.stop(Duration::from_secs(25)).0.success());
+}
