@@ -160,6 +160,7 @@ impl Running {
     /// Stops in order: stop accepting and drain requests, stop renewals, revoke every key
     /// concurrently, remove the socket. All within `shutdown_timeout`.
     pub async fn stop(self) -> StopReport {
+        crate::systemd::stopping();
         let deadline = Instant::now() + self.shutdown_timeout;
         tracing::info!(
             timeout_seconds = self.shutdown_timeout.as_secs_f64(),
@@ -221,6 +222,9 @@ pub fn access_from(config: &Config) -> Access {
     }
 }
 
+/// Longest start-up waits for prewarm before telling systemd it is ready.
+const PREWARM_WAIT: Duration = Duration::from_secs(30);
+
 /// The ledger and this broker's tag prefix, from the state directory.
 pub struct State {
     /// The open ledger (holding the state directory's lock).
@@ -274,6 +278,7 @@ pub async fn run(
     config: &Config,
     mut profiles: Vec<ProfileSpec>,
     socket_path: &Path,
+    activated: Option<std::os::unix::net::UnixListener>,
     state_dir: Option<&Path>,
     stop: impl Future<Output = ()>,
 ) -> Result<StopReport, DaemonError> {
@@ -300,11 +305,15 @@ pub async fn run(
         broker.ledger = Some(state.ledger);
         broker.tag_prefix = state.tag_prefix;
     }
-    let socket = server::bind_socket(
-        socket_path,
-        config.server.socket_mode,
-        config.server.socket_group,
-    )?;
+    let socket = match activated {
+        Some(listener) => BoundSocket::activated(listener).map_err(DaemonError::Listener)?,
+        None => server::bind_socket(
+            socket_path,
+            config.server.socket_mode,
+            config.server.socket_group,
+        )?,
+    };
+    let socket_path = socket.path.clone();
     let names: Vec<String> = profiles.iter().map(|p| p.name.clone()).collect();
     let options = Options {
         access: access_from(config),
@@ -314,7 +323,20 @@ pub async fn run(
     };
     let running = start(profiles, socket, options)?;
     tracing::info!(socket = %socket_path.display(), profiles = ?names, "serving");
-    stop.await;
+    let heartbeat = CancellationToken::new();
+    let mut stop = std::pin::pin!(stop);
+    // READY=1 once every prewarmed profile has a key (or has failed once); a stop signal
+    // meanwhile goes straight to stop.
+    let stopped_early = tokio::select! {
+        _ = running.broker().prewarmed(Instant::now() + PREWARM_WAIT) => false,
+        _ = &mut stop => true,
+    };
+    if !stopped_early {
+        crate::systemd::ready(running.broker());
+        crate::systemd::spawn_heartbeat(Arc::clone(running.broker()), heartbeat.clone());
+        stop.await;
+    }
+    heartbeat.cancel();
     Ok(running.stop().await)
 }
 

@@ -28,4 +28,5 @@ pub mod logging;
 pub mod provider;
 pub mod recovery;
 pub mod server;
+pub mod systemd;
 pub mod users;

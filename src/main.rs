@@ -110,6 +110,11 @@ fn serve(
     };
     logging::init(log_format);
     daemon::raise_fd_limit();
+    // Socket activation: taken before the runtime's threads exist (it clears LISTEN_*).
+    let activated = match keybroker::systemd::activated_socket() {
+        Ok(listener) => listener,
+        Err(e) => return fail(&format!("socket passed by systemd: {e}")),
+    };
     let socket = config::resolve_socket(None, config.server.socket.as_deref());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -133,6 +138,7 @@ fn serve(
             &config,
             profiles,
             &socket,
+            activated,
             state_dir.as_deref(),
             daemon::stop_signal(),
         )

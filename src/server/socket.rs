@@ -50,6 +50,8 @@ pub struct BoundSocket {
     /// The socket's path.
     pub path: PathBuf,
     inode: (u64, u64),
+    /// Whether the file is ours to remove (not when systemd passed the socket).
+    owned: bool,
 }
 
 impl Drop for BoundSocket {
@@ -59,8 +61,26 @@ impl Drop for BoundSocket {
 }
 
 impl BoundSocket {
-    /// Removes the socket file, unless something else has replaced it since.
+    /// A socket systemd bound and passed in (socket activation): served, never removed.
+    pub fn activated(listener: std::os::unix::net::UnixListener) -> std::io::Result<BoundSocket> {
+        let path = listener
+            .local_addr()?
+            .as_pathname()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| std::io::Error::other("the passed socket has no path"))?;
+        Ok(BoundSocket {
+            listener,
+            path,
+            inode: (0, 0),
+            owned: false,
+        })
+    }
+
+    /// Removes the socket file, unless it is systemd's or something else has replaced it since.
     pub fn remove(&self) {
+        if !self.owned {
+            return;
+        }
         if let Ok(meta) = std::fs::symlink_metadata(&self.path) {
             if (meta.dev(), meta.ino()) == self.inode {
                 let _ = std::fs::remove_file(&self.path);
@@ -141,6 +161,7 @@ pub fn bind_socket(path: &Path, mode: u32, group: Option<u32>) -> Result<BoundSo
         listener: std::os::unix::net::UnixListener::from(fd),
         path: path.to_path_buf(),
         inode: (meta.dev(), meta.ino()),
+        owned: true,
     })
 }
 

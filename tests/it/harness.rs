@@ -53,7 +53,12 @@ impl Env {
 
     /// A command for the binary with this env's socket and a clean environment.
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(BIN);
+        self.program(BIN, args)
+    }
+
+    /// A command for `program` in this env's clean environment.
+    pub fn program(&self, program: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(program);
         c.args(args)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -76,9 +81,15 @@ impl Env {
 
     /// Starts `serve --config` with stderr captured to a file, and waits until it answers.
     pub fn serve(&self, config: &Path, rust_log: &str) -> Daemon {
+        self.serve_with(config, rust_log, &[])
+    }
+
+    /// [`Env::serve`] with extra environment variables.
+    pub fn serve_with(&self, config: &Path, rust_log: &str, vars: &[(&str, &str)]) -> Daemon {
         let log = self.path("daemon.log");
         let child = self
             .command(&["serve", "--config", config.to_str().unwrap()])
+            .envs(vars.iter().copied())
             .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -95,7 +106,7 @@ impl Env {
 }
 
 pub struct Daemon {
-    child: Option<Child>,
+    pub child: Option<Child>,
     pub log: PathBuf,
     pub socket: PathBuf,
 }

@@ -8,3 +8,4 @@ mod fake_cloud;
 mod harness;
 mod moto;
 mod recovery;
+mod systemd;

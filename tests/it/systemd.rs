@@ -1,0 +1,159 @@
+//! systemd integration: the notify protocol on a real datagram socket, socket activation with
+//! LISTEN_FDS, and the unit files judged by systemd-analyze.
+
+use std::os::unix::net::{UnixDatagram, UnixListener};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keybroker::clock::Clock;
+
+use crate::fake_cloud::{FakeCloud, Faults};
+use crate::harness::{Daemon, Env, BIN};
+
+/// One datagram from the daemon, and what the fake had seen when it arrived.
+#[derive(Debug, Clone)]
+struct Note {
+    text: String,
+    live_keys: usize,
+    revokes: u64,
+}
+
+/// READY=1 only once prewarm has minted every profile's key; WATCHDOG=1 at half the
+/// interval; STATUS= lines with key counts; STOPPING=1 before any revoke.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_socket_sees_ready_after_prewarm_watchdog_and_stopping_before_revokes() {
+    let fake = FakeCloud::new(Clock::System);
+    fake.set_faults(Faults {
+        create_latency: Duration::from_millis(300),
+        ..Faults::default()
+    });
+    let url = fake.serve().await;
+    let env = Env::new();
+    let mut text = fake.profile_toml("coreweave", "a", &url, &env, "");
+    text.push_str(&fake.profile_toml("glesys", "b", &url, &env, ""));
+    let config = env.config(&text);
+
+    let notify_path = env.path("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let notes = Arc::new(Mutex::new(Vec::<Note>::new()));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (notes, done, fake) = (Arc::clone(&notes), Arc::clone(&done), Arc::clone(&fake));
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(n) = notify.recv(&mut buf) {
+                    let note = Note {
+                        text: String::from_utf8_lossy(&buf[..n]).into_owned(),
+                        live_keys: fake.live().len(),
+                        revokes: fake.calls("revoke"),
+                    };
+                    notes.lock().unwrap().push(note);
+                }
+            }
+        })
+    };
+    let notify_path = notify_path.display().to_string();
+    let vars = [
+        ("NOTIFY_SOCKET", notify_path.as_str()),
+        ("WATCHDOG_USEC", "300000"),
+    ];
+    let mut daemon: Daemon = tokio::task::block_in_place(|| env.serve_with(&config, "info", &vars));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, _) = tokio::task::block_in_place(|| daemon.stop(Duration::from_secs(25)));
+    assert!(status.success());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    reader.join().unwrap();
+
+    let notes = notes.lock().unwrap().clone();
+    let first = |needle: &str| {
+        notes
+            .iter()
+            .position(|n| n.text.lines().any(|l| l == needle))
+    };
+    let ready = first("READY=1").unwrap_or_else(|| panic!("no READY=1 in {notes:?}"));
+    let stopping = first("STOPPING=1").unwrap_or_else(|| panic!("no STOPPING=1 in {notes:?}"));
+    assert!(ready < stopping);
+    assert_eq!(
+        notes[ready].live_keys, 2,
+        "READY=1 came before prewarm minted both keys: {notes:?}"
+    );
+    assert!(
+        notes[ready].text.contains("STATUS=2 profiles: 2 ready"),
+        "{:?}",
+        notes[ready]
+    );
+    let pings = notes
+        .iter()
+        .filter(|n| n.text.lines().any(|l| l == "WATCHDOG=1"))
+        .count();
+    assert!(
+        pings >= 4,
+        "{pings} watchdog pings in 1.5 s at a 300 ms watchdog: {notes:?}"
+    );
+    assert_eq!(
+        notes[stopping].revokes, 0,
+        "STOPPING=1 after a revoke: {notes:?}"
+    );
+    assert_eq!(fake.calls("revoke"), 2);
+    assert!(fake.live().is_empty());
+}
+
+/// Socket activation: the daemon serves on the socket passed as fd 3 with LISTEN_FDS=1 and
+/// LISTEN_PID, and leaves the socket file to systemd at stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_passed_by_listen_fds_is_served_and_left_in_place() {
+    let env = Env::new();
+    let config = env.config("[profiles.d]\nprovider = \"dev\"\n");
+    let path = env.path("activated.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    // The shell moves the socket from stdin to fd 3 and names itself (then the daemon) in
+    // LISTEN_PID, as systemd would.
+    let script = format!(
+        "exec 3<&0 0</dev/null; LISTEN_FDS=1 LISTEN_PID=$$ exec {BIN} serve --config {}",
+        config.display()
+    );
+    let mut child = env
+        .program("sh", &["-c", &script])
+        .env("KEYBROKER_SOCKET", env.path("not-used.sock"))
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(listener)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        match keybroker::client::get(&path, "/v1/credentials/d", Duration::from_secs(2)) {
+            Ok(a) if a.status == 200 => break a.body,
+            _ => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the activated socket was never served"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert!(String::from_utf8_lossy(&body).contains("\"AccessKeyId\""));
+    assert!(
+        !env.path("not-used.sock").exists(),
+        "the daemon bound no socket of its own"
+    );
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    assert!(tokio::task::block_in_place(|| child.wait())
+        .unwrap()
+        .success());
+    assert!(
+        path.exists(),
+        "the socket file belongs to systemd and stays"
+    );
+}
