@@ -16,6 +16,14 @@ if [ ! -f "$stamp" ]; then
 fi
 export KEYBROKER_TEST_PYTHON="$PWD/$venv/bin/python"
 
+# The unit-file test runs systemd-analyze, from Debian's systemd package.
+if ! command -v systemd-analyze >/dev/null; then
+  echo "==> installing systemd (for systemd-analyze)"
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends systemd >/dev/null
+fi
+
 echo "==> cargo fmt --check"
 cargo fmt --all --check
 echo "==> dependency check"

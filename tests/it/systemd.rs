@@ -157,3 +157,71 @@ async fn a_socket_passed_by_listen_fds_is_served_and_left_in_place() {
         "the socket file belongs to systemd and stays"
     );
 }
+
+/// `systemd-analyze verify` is clean for both units and `systemd-analyze security --offline=yes`
+/// rates the service 2.0 or lower; the unit's stop timeout leaves room for shutdown_timeout.
+#[test]
+fn unit_files_pass_systemd_analyze() {
+    let dir = tempfile::tempdir().unwrap();
+    let units = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd");
+    let service = std::fs::read_to_string(format!("{units}/keybroker.service")).unwrap();
+    // verify checks that ExecStart exists: point it at the binary under test.
+    std::fs::write(
+        dir.path().join("keybroker.service"),
+        service.replace("/usr/local/bin/keybroker", BIN),
+    )
+    .unwrap();
+    std::fs::copy(
+        format!("{units}/keybroker.socket"),
+        dir.path().join("keybroker.socket"),
+    )
+    .unwrap();
+    let analyze = |args: &[&str]| {
+        std::process::Command::new("systemd-analyze")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("systemd-analyze (package systemd) is needed; ./scripts/test.sh installs it")
+    };
+    let verify = analyze(&["verify", "keybroker.service", "keybroker.socket"]);
+    let said = String::from_utf8_lossy(&verify.stderr).into_owned()
+        + &String::from_utf8_lossy(&verify.stdout);
+    assert!(
+        verify.status.success() && said.trim().is_empty(),
+        "verify: {said}"
+    );
+
+    let security = analyze(&["security", "--offline=yes", "keybroker.service"]);
+    let out = String::from_utf8_lossy(&security.stdout);
+    let exposure: f64 = out
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for keybroker.service: ")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in: {out}"));
+    assert!(exposure <= 2.0, "exposure {exposure}:\n{out}");
+
+    for line in [
+        "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "WatchdogSec=30",
+        "StateDirectory=keybroker",
+    ] {
+        assert!(
+            service.lines().any(|l| l == line),
+            "{line} missing from the unit"
+        );
+    }
+    let stop: u64 = service
+        .lines()
+        .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(
+        stop > keybroker::config::DEFAULT_SHUTDOWN_TIMEOUT.as_secs(),
+        "TimeoutStopSec={stop}"
+    );
+}
