@@ -54,7 +54,7 @@ impl std::fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// The validated configuration.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// The file it came from (`<dev>` for `serve --dev`).
     pub path: PathBuf,
@@ -82,7 +82,7 @@ pub struct ServerConfig {
 }
 
 /// `[profiles.NAME]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProfileConfig {
     /// The profile name: `[A-Za-z0-9_.-]+`.
     pub name: String,
@@ -107,7 +107,7 @@ pub struct ProfileConfig {
 }
 
 /// Provider-specific settings and secrets.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProviderCredentials {
     /// CoreWeave: the API access token.
     Coreweave {

@@ -125,7 +125,7 @@ pub fn start(
     let broker = Arc::new(Broker::start(profiles, options.broker));
     let app = Arc::new(App {
         broker: Arc::clone(&broker),
-        access: options.access,
+        access: arc_swap::ArcSwap::from_pointee(options.access),
         container,
     });
     let stop_server = CancellationToken::new();
@@ -152,6 +152,108 @@ pub fn start(
 }
 
 impl Running {
+    /// SIGHUP: reads the config at `path` again and applies it without dropping a connection.
+    /// Added profiles start; removed ones leave service and their keys are revoked; changed
+    /// ones are both; unchanged ones keep their keys. An invalid file changes nothing.
+    pub async fn reload(&mut self, current: &mut Config, path: &Path) {
+        let next = match crate::config::load(path) {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::error!("reload: config {e}; keeping the running config");
+                return;
+            }
+        };
+        let mut needs_restart = Vec::new();
+        let (old, new) = (&current.server, &next.server);
+        if old.socket != new.socket
+            || old.socket_mode != new.socket_mode
+            || old.socket_group != new.socket_group
+        {
+            needs_restart.push("the socket settings");
+        }
+        if old.state_dir != new.state_dir {
+            needs_restart.push("state_dir");
+        }
+        if old.container_listen != new.container_listen {
+            needs_restart.push("the container endpoint");
+        }
+        for what in needs_restart {
+            tracing::warn!("reload: a change to {what} takes effect at the next restart");
+        }
+        let gone: Vec<String> = current
+            .profiles
+            .iter()
+            .filter(|(name, p)| next.profiles.get(*name) != Some(*p))
+            .map(|(name, _)| name.clone())
+            .collect();
+        let coming: Vec<&crate::config::ProfileConfig> = next
+            .profiles
+            .iter()
+            .filter(|(name, p)| current.profiles.get(*name) != Some(*p))
+            .map(|(_, p)| p)
+            .collect();
+        // Build every new provider first: a failure leaves everything as it was.
+        let mut specs = Vec::new();
+        for p in &coming {
+            match crate::provider::from_config(p, &Clock::System) {
+                Ok(provider) => specs.push(ProfileSpec {
+                    name: p.name.clone(),
+                    provider,
+                    policy: p.policy,
+                    prewarm: p.prewarm,
+                    revoke_on_shutdown: p.revoke_on_shutdown,
+                    adopted: Vec::new(),
+                    unsettled: Vec::new(),
+                }),
+                Err(e) => {
+                    tracing::error!(
+                        "reload: profile {}: {e}; keeping the running config",
+                        p.name
+                    );
+                    return;
+                }
+            }
+        }
+        let deadline = Instant::now() + next.server.shutdown_timeout;
+        for name in &gone {
+            if let Some(tokens) = &self.app.container {
+                tokens.remove_profile(name);
+            }
+            if let Some(detached) = self.broker.detach(name) {
+                let name = name.clone();
+                tokio::spawn(async move {
+                    let report = detached.revoke(deadline).await;
+                    tracing::info!(profile = %name, revoked = ?report.revoked, unrevoked = ?report.unrevoked, kept = ?report.kept, "reload: profile removed");
+                });
+            }
+        }
+        let access = access_from(&next);
+        for spec in specs {
+            if let Some(tokens) = &self.app.container {
+                let group = access
+                    .profiles
+                    .get(&spec.name)
+                    .and_then(|(_, g)| g.first().copied());
+                if let Err(e) = tokens.add(&spec.name, group) {
+                    tracing::error!(profile = %spec.name, "reload: {e}");
+                }
+            }
+            tracing::info!(profile = %spec.name, "reload: profile added");
+            self.broker.add(spec);
+        }
+        self.app.access.store(Arc::new(access));
+        self.shutdown_timeout = next.server.shutdown_timeout;
+        let kept = next.profiles.len() - coming.len();
+        tracing::info!(
+            added = coming.len(),
+            removed = gone.len(),
+            unchanged = kept,
+            "reloaded {}",
+            path.display()
+        );
+        *current = next;
+    }
+
     /// The broker, for tests and status.
     pub fn broker(&self) -> &Arc<Broker> {
         &self.broker
@@ -276,6 +378,7 @@ pub fn targets(profiles: &[ProfileSpec]) -> BTreeMap<String, Target> {
 /// directory, its lock is taken and what an earlier run left is recovered before serving.
 pub async fn run(
     config: &Config,
+    config_path: Option<&Path>,
     mut profiles: Vec<ProfileSpec>,
     socket_path: &Path,
     activated: Option<std::os::unix::net::UnixListener>,
@@ -321,7 +424,7 @@ pub async fn run(
         shutdown_timeout: config.server.shutdown_timeout,
         container_listen: config.server.container_listen,
     };
-    let running = start(profiles, socket, options)?;
+    let mut running = start(profiles, socket, options)?;
     tracing::info!(socket = %socket_path.display(), profiles = ?names, "serving");
     let heartbeat = CancellationToken::new();
     let mut stop = std::pin::pin!(stop);
@@ -334,7 +437,18 @@ pub async fn run(
     if !stopped_early {
         crate::systemd::ready(running.broker());
         crate::systemd::spawn_heartbeat(Arc::clone(running.broker()), heartbeat.clone());
-        stop.await;
+        let mut running_config = config.clone();
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(DaemonError::Listener)?;
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = hangup.recv() => match config_path {
+                    Some(path) => running.reload(&mut running_config, path).await,
+                    None => tracing::info!("SIGHUP: nothing to reload in dev mode"),
+                },
+            }
+        }
     }
     heartbeat.cancel();
     Ok(running.stop().await)

@@ -134,8 +134,10 @@ fn serve(
         }
         let state_dir =
             (!dev).then(|| config::resolve_state_dir(config.server.state_dir.as_deref()));
+        let config_path = (!dev).then(|| config.path.clone());
         match daemon::run(
             &config,
+            config_path.as_deref(),
             profiles,
             &socket,
             activated,

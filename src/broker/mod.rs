@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
@@ -105,17 +106,31 @@ pub struct StopReport {
     pub kept: Vec<String>,
 }
 
-/// The set of profile slots and their driver tasks.
+/// A running profile.
+#[derive(Clone)]
+struct Entry {
+    slot: Arc<Slot>,
+    revoke_on_shutdown: bool,
+    /// Stops this profile's driver alone (a reload removing it).
+    cancel: CancellationToken,
+}
+
+/// The set of profile slots and their driver tasks. Profiles can be added and removed while
+/// requests are served (reload): the map is swapped whole, so reads take no lock.
 pub struct Broker {
-    slots: BTreeMap<String, (Arc<Slot>, bool)>,
+    slots: ArcSwap<BTreeMap<String, Entry>>,
+    /// Serializes changes to `slots`.
+    changes: std::sync::Mutex<()>,
     cancel: CancellationToken,
     tasks: TaskTracker,
+    context: SlotContext,
+    seeder: std::sync::Mutex<SmallRng>,
 }
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Broker")
-            .field("profiles", &self.slots.keys())
+            .field("profiles", &self.profiles())
             .finish()
     }
 }
@@ -126,42 +141,71 @@ pub const DEFAULT_MINT_WAIT: Duration = Duration::from_secs(11);
 impl Broker {
     /// Starts a driver task per profile.
     pub fn start(profiles: Vec<ProfileSpec>, options: BrokerOptions) -> Self {
-        let mut seeder = match options.seed {
+        let seeder = match options.seed {
             Some(s) => SmallRng::seed_from_u64(s),
             None => SmallRng::from_entropy(),
         };
-        let context = SlotContext {
-            clock: options.clock,
-            mint_wait: options.mint_wait,
-            ledger: options.ledger,
-            tag_prefix: options.tag_prefix.into(),
+        let broker = Broker {
+            slots: ArcSwap::from_pointee(BTreeMap::new()),
+            changes: std::sync::Mutex::new(()),
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            context: SlotContext {
+                clock: options.clock,
+                mint_wait: options.mint_wait,
+                ledger: options.ledger,
+                tag_prefix: options.tag_prefix.into(),
+            },
+            seeder: std::sync::Mutex::new(seeder),
         };
-        let cancel = CancellationToken::new();
-        let tasks = TaskTracker::new();
-        let mut slots = BTreeMap::new();
         for spec in profiles {
-            let (name, revoke) = (spec.name.clone(), spec.revoke_on_shutdown);
-            let rng = SmallRng::seed_from_u64(seeder.gen());
-            let slot = Arc::new(Slot::new(spec, rng, context.clone()));
-            tasks.spawn(Arc::clone(&slot).drive(cancel.child_token()));
-            slots.insert(name, (slot, revoke));
+            broker.add(spec);
         }
-        tasks.close();
-        Broker {
-            slots,
-            cancel,
-            tasks,
-        }
+        broker.tasks.close();
+        broker
+    }
+
+    /// Starts serving a profile (at start, or added by a reload). A profile of the same name
+    /// must have been removed first.
+    pub fn add(&self, spec: ProfileSpec) {
+        let _change = self.changes.lock().expect("broker change lock");
+        let rng = SmallRng::seed_from_u64(self.seeder.lock().expect("seeder lock").gen());
+        let name = spec.name.clone();
+        let revoke_on_shutdown = spec.revoke_on_shutdown;
+        let slot = Arc::new(Slot::new(spec, rng, self.context.clone()));
+        let cancel = self.cancel.child_token();
+        self.tasks.spawn(Arc::clone(&slot).drive(cancel.clone()));
+        let mut map = BTreeMap::clone(&self.slots.load());
+        map.insert(
+            name,
+            Entry {
+                slot,
+                revoke_on_shutdown,
+                cancel,
+            },
+        );
+        self.slots.store(Arc::new(map));
+    }
+
+    /// Stops serving a profile (a reload removed or changed it): it leaves the map at once and
+    /// its driver is told to stop; [`Detached::revoke`] then revokes its keys.
+    pub fn detach(&self, profile: &str) -> Option<Detached> {
+        let _change = self.changes.lock().expect("broker change lock");
+        let mut map = BTreeMap::clone(&self.slots.load());
+        let entry = map.remove(profile)?;
+        self.slots.store(Arc::new(map));
+        entry.cancel.cancel();
+        Some(Detached { entry })
     }
 
     /// The slot of `profile`.
-    pub fn slot(&self, profile: &str) -> Option<&Arc<Slot>> {
-        self.slots.get(profile).map(|(s, _)| s)
+    pub fn slot(&self, profile: &str) -> Option<Arc<Slot>> {
+        self.slots.load().get(profile).map(|e| Arc::clone(&e.slot))
     }
 
     /// Profile names.
-    pub fn profiles(&self) -> impl Iterator<Item = &str> {
-        self.slots.keys().map(String::as_str)
+    pub fn profiles(&self) -> Vec<String> {
+        self.slots.load().keys().cloned().collect()
     }
 
     /// A key for `profile` (see [`Slot::get`]).
@@ -174,16 +218,18 @@ impl Broker {
 
     /// Waits until every prewarmed profile has a ready key or has failed once, or `deadline`.
     pub async fn prewarmed(&self, deadline: Instant) {
-        for (slot, _) in self.slots.values() {
-            let _ = tokio::time::timeout_at(deadline, slot.settled()).await;
+        let entries = self.slots.load_full();
+        for entry in entries.values() {
+            let _ = tokio::time::timeout_at(deadline, entry.slot.settled()).await;
         }
     }
 
     /// Status of every profile.
     pub fn status(&self) -> Vec<(String, ProviderKind, SlotStatus)> {
         self.slots
+            .load()
             .iter()
-            .map(|(name, (slot, _))| (name.clone(), slot.provider().kind(), slot.status()))
+            .map(|(name, e)| (name.clone(), e.slot.provider().kind(), e.slot.status()))
             .collect()
     }
 
@@ -191,51 +237,73 @@ impl Broker {
     /// `deadline`. A mint in flight is waited for (until the deadline) so its key is revoked too.
     pub async fn stop(&self, deadline: Instant) -> StopReport {
         self.cancel.cancel();
+        let entries: Vec<Entry> = self.slots.load().values().cloned().collect();
         let mut report = StopReport::default();
         // Revoke what exists now while in-flight mints finish, then whatever those minted.
-        let first = self.revoke_all(deadline, &mut report);
+        let first = revoke_entries(&entries, deadline, &mut report);
         let drivers = tokio::time::timeout_at(deadline, self.tasks.wait());
         let (revoked, drivers) = tokio::join!(first, drivers);
         merge(&mut report, revoked);
         if drivers.is_err() {
             tracing::error!("a mint was still in flight at the shutdown deadline; its key, if created, was not revoked");
         }
-        let second = self.revoke_all(deadline, &mut report).await;
+        let second = revoke_entries(&entries, deadline, &mut report).await;
         merge(&mut report, second);
         // Creates whose answer was lost: settle them if time allows; otherwise the ledger
         // keeps their intent and the next start finds them by tag.
-        for (slot, _) in self.slots.values() {
-            let _ = tokio::time::timeout_at(deadline, slot.settle_pending()).await;
+        for entry in &entries {
+            let _ = tokio::time::timeout_at(deadline, entry.slot.settle_pending()).await;
         }
         report
     }
+}
 
-    fn revoke_all(
-        &self,
-        deadline: Instant,
-        report: &mut StopReport,
-    ) -> impl std::future::Future<Output = StopReport> {
-        let mut jobs = Vec::new();
-        for (slot, revoke) in self.slots.values() {
-            for key in slot.take_all() {
-                if *revoke {
-                    jobs.push(revoke_by(Arc::clone(slot), key, deadline));
-                } else {
-                    tracing::info!(profile = slot.name(), key_id = %key.handle.access_key_id, "left alive at stop (revoke_on_shutdown = false)");
-                    report.kept.push(key.handle.access_key_id.clone());
-                }
+/// A profile taken out of service, whose keys are still to be revoked.
+pub struct Detached {
+    entry: Entry,
+}
+
+impl Detached {
+    /// Waits for the driver (a mint in flight finishes, so its key is revoked too), then
+    /// revokes every key of the profile by `deadline`.
+    pub async fn revoke(self, deadline: Instant) -> StopReport {
+        let entry = self.entry;
+        let _ = tokio::time::timeout_at(deadline, entry.slot.finished()).await;
+        let mut report = StopReport::default();
+        let revoked = revoke_entries(std::slice::from_ref(&entry), deadline, &mut report).await;
+        merge(&mut report, revoked);
+        let _ = tokio::time::timeout_at(deadline, entry.slot.settle_pending()).await;
+        report
+    }
+}
+
+/// Takes every key out of `entries` and revokes them concurrently by `deadline` (keys of
+/// profiles with `revoke_on_shutdown = false` are only listed as kept).
+fn revoke_entries(
+    entries: &[Entry],
+    deadline: Instant,
+    report: &mut StopReport,
+) -> impl std::future::Future<Output = StopReport> {
+    let mut jobs = Vec::new();
+    for entry in entries {
+        for key in entry.slot.take_all() {
+            if entry.revoke_on_shutdown {
+                jobs.push(revoke_by(Arc::clone(&entry.slot), key, deadline));
+            } else {
+                tracing::info!(profile = entry.slot.name(), key_id = %key.handle.access_key_id, "left alive at stop (revoke_on_shutdown = false)");
+                report.kept.push(key.handle.access_key_id.clone());
             }
         }
-        async move {
-            let mut out = StopReport::default();
-            for (id, result) in futures_join_all(jobs).await {
-                match result {
-                    Ok(()) => out.revoked.push(id),
-                    Err(why) => out.unrevoked.push((id, why)),
-                }
+    }
+    async move {
+        let mut out = StopReport::default();
+        for (id, result) in futures_join_all(jobs).await {
+            match result {
+                Ok(()) => out.revoked.push(id),
+                Err(why) => out.unrevoked.push((id, why)),
             }
-            out
         }
+        out
     }
 }
 

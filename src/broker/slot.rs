@@ -130,6 +130,8 @@ pub struct Slot {
     pub counters: Counters,
     /// Longest a request waits for an in-flight mint.
     mint_wait: Duration,
+    /// Becomes true when the driver has returned.
+    finished: watch::Sender<bool>,
     /// Where every create and revoke is journaled, if anywhere.
     ledger: Option<Arc<Ledger>>,
     /// `keybroker-<host>-<instance>-`: every key's tag starts with it.
@@ -277,6 +279,7 @@ impl Slot {
             rng: Mutex::new(rng),
             counters: Counters::default(),
             mint_wait,
+            finished: watch::channel(false).0,
             ledger,
             tag_prefix,
             // Already missed once by recovery's listing: one more miss closes them.
@@ -464,6 +467,13 @@ impl Slot {
         self.lock().stopping = true;
         // Wake requests waiting on a mint that will not come.
         self.attempts.send_modify(|n| *n += 1);
+        self.finished.send_replace(true);
+    }
+
+    /// Returns once the driver has stopped (after its cancellation, and any mint in flight).
+    pub async fn finished(&self) {
+        let mut done = self.finished.subscribe();
+        let _ = done.wait_for(|d| *d).await;
     }
 
     /// Decides whether to mint now, and otherwise when to look again.

@@ -28,9 +28,10 @@ struct Token {
 }
 
 /// The per-profile tokens of the container endpoint.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ContainerTokens {
-    tokens: HashMap<String, Token>,
+    dir: PathBuf,
+    tokens: std::sync::RwLock<HashMap<String, Token>>,
 }
 
 /// Why the token files could not be written.
@@ -55,44 +56,79 @@ impl ContainerTokens {
         let dir_mode = if shared { 0o755 } else { 0o700 };
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode))
             .map_err(err(dir, "setting the directory's mode"))?;
-        let mut tokens = HashMap::new();
+        let tokens = ContainerTokens {
+            dir: dir.to_path_buf(),
+            tokens: std::sync::RwLock::new(HashMap::new()),
+        };
         for (profile, group) in profiles {
-            let mut raw = [0u8; 32];
-            rand::rngs::OsRng.fill_bytes(&mut raw);
-            let value = Secret::new(raw.iter().map(|b| format!("{b:02x}")).collect::<String>());
-            let file = dir.join(format!("{profile}.token"));
-            let tmp = dir.join(format!(".{profile}.token.tmp"));
-            let _ = std::fs::remove_file(&tmp);
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(err(&tmp, "creating"))?;
-            f.write_all(value.expose().as_bytes())
-                .map_err(err(&tmp, "writing"))?;
-            if let Some(gid) = group {
-                std::os::unix::fs::chown(&tmp, None, Some(*gid)).map_err(err(
-                    &tmp,
-                    "giving it to the profile's group (is the daemon a member?)",
-                ))?;
-                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o640))
-                    .map_err(err(&tmp, "setting its mode"))?;
-            }
-            std::fs::rename(&tmp, &file).map_err(err(&file, "moving it into place"))?;
-            tokens.insert(profile.clone(), Token { value, file });
+            tokens.add(profile, *group)?;
         }
-        Ok(ContainerTokens { tokens })
+        Ok(tokens)
+    }
+
+    /// Makes and writes a fresh token for `profile` (at start, or added by a reload).
+    pub fn add(&self, profile: &str, group: Option<u32>) -> Result<(), TokenError> {
+        let err = |path: &Path, what| {
+            let path = path.to_path_buf();
+            move |source| TokenError { path, what, source }
+        };
+        if group.is_some() {
+            // Group members must be able to enter the directory to reach their token.
+            std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o755))
+                .map_err(err(&self.dir, "setting the directory's mode"))?;
+        }
+        let mut raw = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut raw);
+        let value = Secret::new(raw.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        let file = self.dir.join(format!("{profile}.token"));
+        let tmp = self.dir.join(format!(".{profile}.token.tmp"));
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(err(&tmp, "creating"))?;
+        f.write_all(value.expose().as_bytes())
+            .map_err(err(&tmp, "writing"))?;
+        if let Some(gid) = group {
+            std::os::unix::fs::chown(&tmp, None, Some(gid)).map_err(err(
+                &tmp,
+                "giving it to the profile's group (is the daemon a member?)",
+            ))?;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o640))
+                .map_err(err(&tmp, "setting its mode"))?;
+        }
+        std::fs::rename(&tmp, &file).map_err(err(&file, "moving it into place"))?;
+        self.tokens
+            .write()
+            .expect("token lock")
+            .insert(profile.to_string(), Token { value, file });
+        Ok(())
+    }
+
+    /// Forgets `profile`'s token and deletes its file (a reload removed the profile).
+    pub fn remove_profile(&self, profile: &str) {
+        if let Some(token) = self.tokens.write().expect("token lock").remove(profile) {
+            let _ = std::fs::remove_file(&token.file);
+        }
     }
 
     /// The token file of `profile`.
-    pub fn file(&self, profile: &str) -> Option<&Path> {
-        self.tokens.get(profile).map(|t| t.file.as_path())
+    pub fn file(&self, profile: &str) -> Option<PathBuf> {
+        self.tokens
+            .read()
+            .expect("token lock")
+            .get(profile)
+            .map(|t| t.file.clone())
     }
 
     /// Whether `presented` is `profile`'s token, compared in constant time.
     fn accepts(&self, profile: &str, presented: Option<&HeaderValue>) -> bool {
-        match (self.tokens.get(profile), presented) {
+        match (
+            self.tokens.read().expect("token lock").get(profile),
+            presented,
+        ) {
             (Some(token), Some(presented)) => {
                 constant_time_eq(token.value.expose().as_bytes(), presented.as_bytes())
             }
@@ -102,7 +138,7 @@ impl ContainerTokens {
 
     /// Deletes the token files (at stop): the tokens die with the daemon.
     pub fn remove(&self) {
-        for token in self.tokens.values() {
+        for token in self.tokens.read().expect("token lock").values() {
             let _ = std::fs::remove_file(&token.file);
         }
     }
@@ -206,7 +242,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tokens =
             ContainerTokens::create(&dir.path().join("container"), &[("p".into(), None)]).unwrap();
-        let file = tokens.file("p").unwrap().to_path_buf();
+        let file = tokens.file("p").unwrap();
         let meta = std::fs::metadata(&file).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         let text = std::fs::read_to_string(&file).unwrap();

@@ -66,8 +66,8 @@ impl Access {
 pub struct App {
     /// The key slots.
     pub broker: Arc<Broker>,
-    /// Who may read what.
-    pub access: Access,
+    /// Who may read what (replaced whole by a reload).
+    pub access: arc_swap::ArcSwap<Access>,
     /// The container endpoint's tokens, when it is enabled.
     pub container: Option<ContainerTokens>,
 }
@@ -163,7 +163,7 @@ pub async fn handle(app: &App, peer: Peer, req: &Request<Incoming>) -> Response<
             resp
         }
         "/v1/status" => {
-            if !app.access.is_admin(peer) {
+            if !app.access.load().is_admin(peer) {
                 return forbidden(peer, "status is for root and the daemon's user");
             }
             json_response(StatusCode::OK, status_body(app))
@@ -192,7 +192,7 @@ async fn credentials(app: &App, peer: Peer, profile: &str) -> Response<Body> {
             &format!("no profile named {profile:?} in the keybroker config"),
         );
     }
-    if !app.access.may_read(profile, peer) {
+    if !app.access.load().may_read(profile, peer) {
         return forbidden(
             peer,
             &format!("profile {profile} allows it neither by allow_uids nor by allow_groups"),

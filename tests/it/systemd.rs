@@ -225,3 +225,110 @@ fn unit_files_pass_systemd_analyze() {
         "TimeoutStopSec={stop}"
     );
 }
+
+/// SIGHUP with a profile added, one removed and one unchanged: the removed profile's key is
+/// revoked, the unchanged one keeps its key (no new mint), the added one mints, and a
+/// connection opened before the reload keeps working. An invalid file keeps the old config
+/// and the log says why, with the file position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_adds_removes_and_keeps_profiles_without_dropping_connections() {
+    use http_body_util::{BodyExt, Empty};
+    let fake = FakeCloud::new(Clock::System);
+    let url = fake.serve().await;
+    let env = Env::new();
+    let keep = fake.profile_toml("coreweave", "keep", &url, &env, "");
+    let gone = fake.profile_toml("glesys", "gone", &url, &env, "");
+    let added = fake.profile_toml("crusoe", "added", &url, &env, "");
+    let config = env.config(&format!("{keep}\n{gone}"));
+    let mut daemon = tokio::task::block_in_place(|| env.serve(&config, "info"));
+    let wait = |what: &str, ok: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ok() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    tokio::task::block_in_place(|| wait("two prewarmed keys", &|| fake.live().len() == 2));
+    let key_of = |provider: &str| {
+        fake.live()
+            .into_iter()
+            .find(|k| k.provider == provider)
+            .map(|k| k.id)
+    };
+    let (keep_key, gone_key) = (key_of("coreweave").unwrap(), key_of("glesys").unwrap());
+
+    // A keep-alive connection from before the reload.
+    let stream = tokio::net::UnixStream::connect(&daemon.socket)
+        .await
+        .unwrap();
+    let (mut conn, driver) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(driver);
+    let ask = async |conn: &mut hyper::client::conn::http1::SendRequest<Empty<bytes::Bytes>>| {
+        let req = http::Request::get("/v1/credentials/keep")
+            .header("host", "kb")
+            .body(Empty::new())
+            .unwrap();
+        let resp = conn
+            .send_request(req)
+            .await
+            .expect("the connection survives");
+        assert_eq!(resp.status(), 200);
+        crate::harness::key_id(&resp.into_body().collect().await.unwrap().to_bytes())
+    };
+    assert_eq!(ask(&mut conn).await, keep_key);
+
+    std::fs::write(&config, format!("{keep}\n{added}")).unwrap();
+    daemon.signal(rustix::process::Signal::HUP);
+    tokio::task::block_in_place(|| {
+        wait("the removed profile's key revoked", &|| {
+            fake.key(&gone_key).unwrap().revoked_at.is_some()
+        });
+        wait("the added profile's key", &|| key_of("crusoe").is_some());
+    });
+    assert_eq!(
+        ask(&mut conn).await,
+        keep_key,
+        "the unchanged profile kept its key"
+    );
+    assert_eq!(
+        fake.calls("create"),
+        3,
+        "no re-mint of the unchanged profile"
+    );
+    let (code, _, stderr) = env.run(&["credential-process", "--profile", "gone"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("no profile named \"gone\""), "{stderr}");
+    assert_eq!(env.run(&["credential-process", "--profile", "added"]).0, 0);
+
+    std::fs::write(&config, format!("{keep}\n{added}lifetime = \"0s\"\n")).unwrap();
+    daemon.signal(rustix::process::Signal::HUP);
+    tokio::task::block_in_place(|| {
+        wait("the reload error in the log", &|| {
+            daemon.logs().contains("keeping the running config")
+        })
+    });
+    let logs = daemon.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("keeping the running config"))
+        .unwrap();
+    assert!(
+        line.contains(&format!("{}:", config.display()))
+            && line.contains("lifetime must be greater than zero"),
+        "{line}"
+    );
+    assert_eq!(ask(&mut conn).await, keep_key);
+    assert_eq!(
+        env.run(&["credential-process", "--profile", "added"]).0,
+        0,
+        "the old config still serves"
+    );
+    assert_eq!(fake.calls("create"), 3);
+
+    let (status, _) = tokio::task::block_in_place(|| daemon.stop(Duration::from_secs(25)));
+    assert!(status.success(), "{}", daemon.logs());
+    assert!(fake.live().is_empty());
+}
