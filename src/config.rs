@@ -132,8 +132,11 @@ pub enum ProviderCredentials {
         /// The object-storage instance (`os-ab123`).
         instance_id: String,
     },
-    /// The dev provider needs nothing.
-    Dev,
+    /// The dev provider needs no secret; it can pretend to be slow.
+    Dev {
+        /// How long each mint takes (`mint_delay`, default 0): simulated provider latency.
+        mint_delay: Duration,
+    },
 }
 
 #[derive(Deserialize)]
@@ -182,6 +185,7 @@ struct RawProfile {
     revoke_on_shutdown: Option<bool>,
     allow_uids: Option<Vec<u32>>,
     allow_groups: Option<Vec<Spanned<toml::Value>>>,
+    mint_delay: Option<Spanned<String>>,
 }
 
 /// Turns byte spans into located errors.
@@ -416,6 +420,14 @@ fn profile_config(
             }
         }
     }
+    if let (Some(v), false) = (&raw.mint_delay, provider == ProviderKind::Dev) {
+        return Err(loc.at(
+            v.span(),
+            in_profile(format!(
+                "mint_delay applies only to provider dev, not {provider}"
+            )),
+        ));
+    }
     if provider == ProviderKind::Dev {
         for (key, span) in [
             ("endpoint", raw.endpoint.as_ref().map(Spanned::span)),
@@ -445,7 +457,12 @@ fn profile_config(
                 token: read_secret(loc, file, "token_file")?,
             }
         }
-        ProviderKind::Dev => ProviderCredentials::Dev,
+        ProviderKind::Dev => ProviderCredentials::Dev {
+            mint_delay: match &raw.mint_delay {
+                Some(v) => loc.duration(v, "mint_delay")?,
+                None => Duration::ZERO,
+            },
+        },
         ProviderKind::Crusoe => {
             let need = |key: &str| {
                 loc.at(
@@ -755,7 +772,9 @@ pub fn dev() -> Config {
         provider: ProviderKind::Dev,
         endpoint: String::new(),
         ca_file: None,
-        credentials: ProviderCredentials::Dev,
+        credentials: ProviderCredentials::Dev {
+            mint_delay: Duration::ZERO,
+        },
         policy: RenewPolicy {
             lifetime: DEFAULT_LIFETIME,
             renew_before: DEFAULT_LIFETIME / 2,

@@ -13,6 +13,11 @@ use keybroker::{client, config, daemon, logging};
 const EXIT_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
+    // aws-cli spawns `credential-process` for every command: its usual forms skip clap's
+    // set-up; anything else (help, a typo) goes through clap for the proper message.
+    if let Some((profile, socket)) = fast_credential_process_args() {
+        return credential_process(&profile, socket.as_deref());
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -56,17 +61,7 @@ fn main() -> ExitCode {
         }
         Command::Sweep { config } => sweep(config),
         Command::CredentialProcess { profile, socket } => {
-            let socket = config::resolve_client_socket(socket.as_deref());
-            match client::credential_process(&socket, &profile) {
-                Ok(json) => {
-                    let mut out = std::io::stdout().lock();
-                    if out.write_all(&json).and_then(|()| out.flush()).is_err() {
-                        return ExitCode::FAILURE;
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(line) => fail(&line),
-            }
+            credential_process(&profile, socket.as_deref())
         }
         Command::Status { socket, json } => {
             let socket = config::resolve_client_socket(socket.as_deref());
@@ -81,6 +76,42 @@ fn main() -> ExitCode {
                 Err(line) => fail(&line),
             }
         }
+    }
+}
+
+/// `credential-process --profile P [--socket S]` (either order, `--x=v` too), else `None`.
+fn fast_credential_process_args() -> Option<(String, Option<std::path::PathBuf>)> {
+    let mut args = std::env::args_os().skip(1);
+    if args.next()? != "credential-process" {
+        return None;
+    }
+    let (mut profile, mut socket) = (None, None);
+    while let Some(arg) = args.next() {
+        let arg = arg.into_string().ok()?;
+        let (key, value) = match arg.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (arg, args.next()?.into_string().ok()?),
+        };
+        match key.as_str() {
+            "--profile" if profile.is_none() && !value.is_empty() => profile = Some(value),
+            "--socket" if socket.is_none() && !value.is_empty() => socket = Some(value.into()),
+            _ => return None,
+        }
+    }
+    Some((profile?, socket))
+}
+
+fn credential_process(profile: &str, socket: Option<&std::path::Path>) -> ExitCode {
+    let socket = config::resolve_client_socket(socket);
+    match client::credential_process(&socket, profile) {
+        Ok(json) => {
+            let mut out = std::io::stdout().lock();
+            if out.write_all(&json).and_then(|()| out.flush()).is_err() {
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(line) => fail(&line),
     }
 }
 

@@ -18,6 +18,7 @@ use crate::credentials::Secret;
 #[derive(Debug)]
 pub struct Dev {
     clock: Clock,
+    mint_delay: Duration,
     live: Mutex<HashMap<String, (OffsetDateTime, String)>>,
     revocations: AtomicU64,
 }
@@ -27,9 +28,16 @@ impl Dev {
     pub fn new(clock: Clock) -> Self {
         Dev {
             clock,
+            mint_delay: Duration::ZERO,
             live: Mutex::new(HashMap::new()),
             revocations: AtomicU64::new(0),
         }
+    }
+
+    /// Makes every mint take `delay`, like a provider's API would (benchmarks, demos).
+    pub fn with_mint_delay(mut self, delay: Duration) -> Self {
+        self.mint_delay = delay;
+        self
     }
 
     /// Keys minted, not revoked and not yet expired.
@@ -56,6 +64,9 @@ impl Provider for Dev {
     }
 
     async fn mint(&self, tag: &str, lifetime: Duration) -> Result<MintedKey, ProviderError> {
+        if !self.mint_delay.is_zero() {
+            tokio::time::sleep(self.mint_delay).await;
+        }
         let mut rng = rand::thread_rng();
         let access_key_id = format!(
             "KBDEV{}",

@@ -307,7 +307,9 @@ pub fn from_config(
                 clock.clone(),
             ))
         }
-        ProviderCredentials::Dev => std::sync::Arc::new(dev::Dev::new(clock.clone())),
+        ProviderCredentials::Dev { mint_delay } => {
+            std::sync::Arc::new(dev::Dev::new(clock.clone()).with_mint_delay(*mint_delay))
+        }
     })
 }
 

@@ -21,7 +21,7 @@ use container::ContainerTokens;
 
 pub use socket::{bind_socket, BindError, BoundSocket};
 
-use crate::broker::{Broker, ServeError};
+use crate::broker::Broker;
 
 /// Who may read what.
 #[derive(Debug, Clone, Default)]
@@ -185,23 +185,22 @@ fn forbidden(peer: Peer, why: &str) -> Response<Body> {
 }
 
 async fn credentials(app: &App, peer: Peer, profile: &str) -> Response<Body> {
-    if app.broker.slot(profile).is_none() {
+    let Some(slot) = app.broker.slot(profile) else {
         return error_response(
             StatusCode::NOT_FOUND,
             "unknown_profile",
             &format!("no profile named {profile:?} in the keybroker config"),
         );
-    }
+    };
     if !app.access.load().may_read(profile, peer) {
         return forbidden(
             peer,
             &format!("profile {profile} allows it neither by allow_uids nor by allow_groups"),
         );
     }
-    match app.broker.get(profile).await {
+    match slot.get().await {
         Ok(key) => json_response(StatusCode::OK, key.process_json.clone()),
-        Err(ServeError::UnknownProfile(_)) => unreachable!("checked above"),
-        Err(ServeError::Unavailable(u)) => {
+        Err(u) => {
             let mut resp =
                 error_response(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &u.message);
             resp.headers_mut().insert(

@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# keybroker benchmarks against named peers in the same run (bench/README.md).
+#
+#   bench/run.sh           full run (about two minutes); writes bench/out/results.md
+#   bench/run.sh --smoke   a few seconds per part, to keep the scripts working (CI runs this)
+#
+# Tools, installed if missing: nginx-light and hyperfine (Debian), oha (cargo install, into
+# bench/.tools). Everything runs on this machine, over Unix sockets in a temp directory.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+smoke=0
+[ "${1:-}" = "--smoke" ] && smoke=1
+
+if [ $smoke = 1 ]; then dur=1; runs=5; burst=200; starts=3; else dur=10; runs=200; burst=1000; starts=15; fi
+
+# ---- tools ------------------------------------------------------------------------------
+need_apt=()
+command -v nginx >/dev/null || need_apt+=(nginx-light)
+command -v hyperfine >/dev/null || need_apt+=(hyperfine)
+command -v jq >/dev/null || need_apt+=(jq)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "==> installing ${need_apt[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+oha=$root/bench/.tools/bin/oha
+if [ ! -x "$oha" ]; then
+  echo "==> building oha (cargo install, once)"
+  cargo install oha --locked --quiet --root "$root/bench/.tools"
+fi
+echo "==> cargo build --release"
+cargo build --release --quiet
+kb=$root/target/release/keybroker
+
+# ---- a daemon with ten dev profiles ----------------------------------------------------
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+sock=$work/keybroker.sock
+{
+  echo "[server]"
+  echo "socket = \"$sock\""
+  echo "state_dir = \"$work/state\""
+  for i in $(seq 0 9); do printf '[profiles.p%s]\nprovider = "dev"\n' "$i"; done
+  printf '[profiles.cold]\nprovider = "dev"\nprewarm = false\nmint_delay = "200ms"\n'
+  printf '[profiles.lazy]\nprovider = "dev"\nprewarm = false\n'
+} > "$work/keybroker.toml"
+
+start_daemon() {
+  RUST_LOG=warn "$kb" serve --config "$work/keybroker.toml" 2>>"$work/daemon.log" &
+  daemon=$!
+  pids+=("$daemon")
+  for _ in $(seq 1 500); do curl -sf --unix-socket "$sock" http://kb/healthz >/dev/null 2>&1 && return; sleep 0.01; done
+  echo "daemon did not start: $(cat "$work/daemon.log")" >&2; exit 1
+}
+stop_daemon() { kill -TERM "$daemon"; wait "$daemon" || true; }
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
+
+start_daemon
+sleep 0.5
+idle_rss=$(rss_kib "$daemon")
+curl -sf --unix-socket "$sock" http://kb/v1/credentials/p0 > "$work/p0.json"
+
+# ---- nginx serving the same bytes from a Unix socket ------------------------------------
+nsock=$work/nginx.sock
+cat > "$work/nginx.conf" <<NGINX
+user root;
+worker_processes auto;
+daemon off;
+pid $work/nginx.pid;
+error_log stderr error;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 10000000;
+  server {
+    listen unix:$nsock backlog=4096;
+    location = /v1/credentials/p0 {
+      default_type application/json;
+      add_header Cache-Control no-store;
+      alias $work/p0.json;
+    }
+  }
+}
+NGINX
+nginx -c "$work/nginx.conf" -p "$work" 2>>"$work/nginx.log" &
+pids+=($!)
+for _ in $(seq 1 200); do [ -S "$nsock" ] && break; sleep 0.01; done
+cmp -s <(curl -sf --unix-socket "$nsock" http://kb/v1/credentials/p0) "$work/p0.json" || { echo "nginx does not serve the same bytes" >&2; exit 1; }
+
+# ---- serve path: oha, 64 connections ------------------------------------------------------
+load() { # socket, extra oha flags... -> "rps p50_ms p99_ms"
+  local s=$1; shift
+  "$oha" --no-tui --output-format json -c 64 -z "${dur}s" --unix-socket "$s" "$@" http://kb/v1/credentials/p0 > "$work/oha.json"
+  jq -r '[.summary.requestsPerSec, (.latencyPercentiles.p50*1000), (.latencyPercentiles.p99*1000), (.statusCodeDistribution["200"] // 0)] | @tsv' "$work/oha.json"
+}
+echo "==> serve path ($dur s per run)"
+read -r kb_ka_rps kb_ka_p50 kb_ka_p99 kb_ka_ok < <(load "$sock")
+read -r ng_ka_rps ng_ka_p50 ng_ka_p99 ng_ka_ok < <(load "$nsock")
+read -r kb_nc_rps kb_nc_p50 kb_nc_p99 kb_nc_ok < <(load "$sock" --disable-keepalive)
+read -r ng_nc_rps ng_nc_p50 ng_nc_p99 ng_nc_ok < <(load "$nsock" --disable-keepalive)
+load_hwm=$(hwm_kib "$daemon")
+for ok in "$kb_ka_ok" "$ng_ka_ok" "$kb_nc_ok" "$ng_nc_ok"; do [ "$ok" -gt 0 ] || { echo "a load run got no 200s" >&2; exit 1; }; done
+
+# ---- client path: hyperfine ---------------------------------------------------------------
+echo "==> client path ($runs runs each)"
+hyperfine -N --warmup 10 --runs "$runs" --export-json "$work/hf.json" \
+  -n keybroker "$kb credential-process --profile p0 --socket $sock" \
+  -n cat "cat $work/p0.json" \
+  -n curl "curl -s --unix-socket $sock http://kb/v1/credentials/p0" >/dev/null
+median() { jq -r --arg n "$1" '.results[] | select(.command == $n) | .median * 1000' "$work/hf.json"; }
+kb_med=$(median keybroker); cat_med=$(median cat); curl_med=$(median curl)
+
+# ---- cold burst: concurrent first requests share one mint -------------------------------
+echo "==> cold burst ($burst clients, dev mint_delay 200 ms)"
+"$oha" --no-tui --output-format json -n "$burst" -c "$burst" --unix-socket "$sock" http://kb/v1/credentials/cold > "$work/burst.json"
+burst_p99=$(jq -r '.latencyPercentiles.p99*1000' "$work/burst.json")
+burst_ok=$(jq -r '.statusCodeDistribution["200"] // 0' "$work/burst.json")
+burst_mints=$(curl -sf --unix-socket "$sock" http://kb/v1/status | jq -r '.profiles[] | select(.name == "cold") | .counters.mints')
+stop_daemon
+
+# ---- start-up: exec to a served request (no prewarm wait: profile "lazy") ---------------
+echo "==> start-up ($starts runs)"
+times=()
+for _ in $(seq 1 "$starts"); do
+  t0=$(date +%s%N)
+  RUST_LOG=warn "$kb" serve --config "$work/keybroker.toml" 2>>"$work/daemon.log" &
+  daemon=$!
+  pids+=("$daemon")
+  until curl -sf --unix-socket "$sock" http://kb/v1/credentials/lazy >/dev/null 2>&1; do :; done
+  t1=$(date +%s%N)
+  times+=($(( (t1 - t0) / 1000 )))
+  stop_daemon
+done
+startup_ms=$(printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR]=$1} END {printf "%.1f", a[int((NR+1)/2)]/1000}')
+
+# ---- report -----------------------------------------------------------------------------
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+verdict() { awk -v ok="$1" 'BEGIN { print (ok ? "yes" : "**no**") }'; }
+mkdir -p bench/out
+out=bench/out/results.md
+{
+  echo "# keybroker benchmark results"
+  echo
+  echo "$( [ $smoke = 1 ] && echo 'Smoke run (numbers are not meaningful).' || echo 'Full run.') $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr), keybroker $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(nginx -v 2>&1 | sed 's/.*: //'), oha $("$oha" --version | awk '{print $2}'), hyperfine $(hyperfine --version | awk '{print $2}')."
+  echo
+  echo "| serve path, 64 connections | keybroker req/s | nginx req/s | ratio | keybroker p50 / p99 ms | nginx p50 / p99 ms | target met |"
+  echo "|---|---|---|---|---|---|---|"
+  printf '| keep-alive | %.0f | %.0f | %s | %.3f / %.3f | %.3f / %.3f | %s |\n' "$kb_ka_rps" "$ng_ka_rps" "$(ratio "$kb_ka_rps" "$ng_ka_rps")" "$kb_ka_p50" "$kb_ka_p99" "$ng_ka_p50" "$ng_ka_p99" "$(verdict "$(awk -v a="$kb_ka_rps" -v b="$ng_ka_rps" -v p="$kb_ka_p99" -v q="$ng_ka_p99" 'BEGIN{print (a>=b && p<=q)}')")"
+  printf '| new connection per request | %.0f | %.0f | %s | %.3f / %.3f | %.3f / %.3f | %s |\n' "$kb_nc_rps" "$ng_nc_rps" "$(ratio "$kb_nc_rps" "$ng_nc_rps")" "$kb_nc_p50" "$kb_nc_p99" "$ng_nc_p50" "$ng_nc_p99" "$(verdict "$(awk -v a="$kb_nc_rps" -v b="$ng_nc_rps" -v p="$kb_nc_p99" -v q="$ng_nc_p99" 'BEGIN{print (a>=b && p<=q)}')")"
+  echo
+  echo "| client path (median of $runs) | ms | vs cat | vs curl | target met |"
+  echo "|---|---|---|---|---|"
+  printf '| keybroker credential-process | %.3f | %sx | %sx faster | %s |\n' "$kb_med" "$(ratio "$kb_med" "$cat_med")" "$(ratio "$curl_med" "$kb_med")" "$(verdict "$(awk -v k="$kb_med" -v c="$cat_med" -v u="$curl_med" 'BEGIN{print (k<=1.5*c && u>=4*k)}')")"
+  printf '| cat of the same JSON (floor) | %.3f | 1.00x | | |\n' "$cat_med"
+  printf '| curl --unix-socket | %.3f | %sx | | |\n' "$curl_med" "$(ratio "$curl_med" "$cat_med")"
+  echo
+  echo "| other | value | target | met |"
+  echo "|---|---|---|---|"
+  printf '| cold burst of %s: mints | %s | exactly 1 | %s |\n' "$burst" "$burst_mints" "$(verdict "$([ "$burst_mints" = 1 ] && echo 1 || echo 0)")"
+  printf '| cold burst of %s: p99 ms (mint takes 200 ms) | %.1f | under 250 | %s |\n' "$burst" "$burst_p99" "$(verdict "$(awk -v p="$burst_p99" 'BEGIN{print (p<250)}')")"
+  printf '| cold burst: 200 answers | %s of %s | all | %s |\n' "$burst_ok" "$burst" "$(verdict "$([ "$burst_ok" = "$burst" ] && echo 1 || echo 0)")"
+  printf '| idle RSS, 12 profiles (10 prewarmed) | %.1f MiB | under 10 MiB | %s |\n' "$(awk -v k="$idle_rss" 'BEGIN{print k/1024}')" "$(verdict "$(awk -v k="$idle_rss" 'BEGIN{print (k<10240)}')")"
+  printf '| peak RSS under the serve-path load | %.1f MiB | under 20 MiB | %s |\n' "$(awk -v k="$load_hwm" 'BEGIN{print k/1024}')" "$(verdict "$(awk -v k="$load_hwm" 'BEGIN{print (k<20480)}')")"
+  printf '| start-up: exec to a served request (median of %s) | %s ms | | |\n' "$starts" "$startup_ms"
+} > "$out"
+cat "$out"
+# The one hard check, even in a smoke run: a cold burst is one mint.
+[ "$burst_mints" = 1 ] && [ "$burst_ok" = "$burst" ] || { echo "cold burst: $burst_mints mints, $burst_ok/$burst answered" >&2; exit 1; }
