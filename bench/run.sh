@@ -4,8 +4,8 @@
 #   bench/run.sh           full run (about two minutes); writes bench/out/results.md
 #   bench/run.sh --smoke   a few seconds per part, to keep the scripts working (CI runs this)
 #
-# Tools, installed if missing: nginx-light and hyperfine (Debian), oha (cargo install, into
-# bench/.tools). Everything runs on this machine, over Unix sockets in a temp directory.
+# Tools, installed if missing: nginx-light, hyperfine and jq (Debian), oha (cargo install, into
+# ~/.cache/keybroker-bench). Everything runs on this machine, over Unix sockets in a temp directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -25,10 +25,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
-oha=$root/bench/.tools/bin/oha
+tools=${XDG_CACHE_HOME:-$HOME/.cache}/keybroker-bench
+oha=$tools/bin/oha
 if [ ! -x "$oha" ]; then
   echo "==> building oha (cargo install, once)"
-  cargo install oha --locked --quiet --root "$root/bench/.tools"
+  cargo install oha --locked --quiet --root "$tools"
 fi
 echo "==> cargo build --release"
 cargo build --release --quiet

@@ -38,5 +38,7 @@ echo "==> cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --locked 2>&1 | tee "$log"
+echo "==> benchmark smoke (bench/run.sh --smoke)"
+bench/run.sh --smoke
 # One closing line with the totals over every test binary.
 awk '/^test result:/ { p += $4; f += $6; s += $8 } END { printf "%d passed, %d failed, %d skipped\n", p, f, s }' "$log"

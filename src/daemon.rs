@@ -227,7 +227,9 @@ impl Running {
                 });
             }
         }
+        // The new rules first, so that an added profile is never briefly refused.
         let access = access_from(&next);
+        self.app.access.store(Arc::new(access.clone()));
         for spec in specs {
             if let Some(tokens) = &self.app.container {
                 let group = access
@@ -241,7 +243,6 @@ impl Running {
             tracing::info!(profile = %spec.name, "reload: profile added");
             self.broker.add(spec);
         }
-        self.app.access.store(Arc::new(access));
         self.shutdown_timeout = next.server.shutdown_timeout;
         let kept = next.profiles.len() - coming.len();
         tracing::info!(

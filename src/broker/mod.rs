@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
@@ -196,6 +197,12 @@ impl Broker {
         self.slots.store(Arc::new(map));
         entry.cancel.cancel();
         Some(Detached { entry })
+    }
+
+    /// The `credential_process` body of `profile`'s current key when it is ready to serve:
+    /// the request path's first try, which takes no lock and no reference count.
+    pub fn ready_body(&self, profile: &str) -> Option<Bytes> {
+        self.slots.load().get(profile)?.slot.ready_body()
     }
 
     /// The slot of `profile`.

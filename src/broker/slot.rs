@@ -326,6 +326,14 @@ impl Slot {
         self.clock.until(key.expires_at)
     }
 
+    /// The hottest path: the current key's `credential_process` body if the key has at least
+    /// `min_remaining` left. No lock and no reference count taken (an arc-swap guard).
+    pub fn ready_body(&self) -> Option<Bytes> {
+        let key = self.current.load();
+        let key = key.as_ref()?;
+        (self.remaining(key) >= self.policy.min_remaining).then(|| key.process_json.clone())
+    }
+
     /// The hot path: the current key if it has at least `min_remaining` left. No lock.
     pub fn ready(&self) -> Option<Arc<ReadyKey>> {
         let key = self.current.load_full()?;

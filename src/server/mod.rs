@@ -185,6 +185,22 @@ fn forbidden(peer: Peer, why: &str) -> Response<Body> {
 }
 
 async fn credentials(app: &App, peer: Peer, profile: &str) -> Response<Body> {
+    if !app.access.load().may_read(profile, peer) {
+        if app.broker.slot(profile).is_none() {
+            return error_response(
+                StatusCode::NOT_FOUND,
+                "unknown_profile",
+                &format!("no profile named {profile:?} in the keybroker config"),
+            );
+        }
+        return forbidden(
+            peer,
+            &format!("profile {profile} allows it neither by allow_uids nor by allow_groups"),
+        );
+    }
+    if let Some(body) = app.broker.ready_body(profile) {
+        return json_response(StatusCode::OK, body);
+    }
     let Some(slot) = app.broker.slot(profile) else {
         return error_response(
             StatusCode::NOT_FOUND,
@@ -192,12 +208,6 @@ async fn credentials(app: &App, peer: Peer, profile: &str) -> Response<Body> {
             &format!("no profile named {profile:?} in the keybroker config"),
         );
     };
-    if !app.access.load().may_read(profile, peer) {
-        return forbidden(
-            peer,
-            &format!("profile {profile} allows it neither by allow_uids nor by allow_groups"),
-        );
-    }
     match slot.get().await {
         Ok(key) => json_response(StatusCode::OK, key.process_json.clone()),
         Err(u) => {
