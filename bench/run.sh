@@ -164,7 +164,7 @@ out=bench/out/results.md
   echo "|---|---|---|---|"
   printf '| cold burst of %s: mints | %s | exactly 1 | %s |\n' "$burst" "$burst_mints" "$(verdict "$([ "$burst_mints" = 1 ] && echo 1 || echo 0)")"
   printf '| cold burst of %s: p99 ms (mint takes 200 ms) | %.1f | under 250 | %s |\n' "$burst" "$burst_p99" "$(verdict "$(awk -v p="$burst_p99" 'BEGIN{print (p<250)}')")"
-  printf '| cold burst: 200 answers | %s of %s | all | %s |\n' "$burst_ok" "$burst" "$(verdict "$([ "$burst_ok" = "$burst" ] && echo 1 || echo 0)")"
+  printf '| cold burst: HTTP 200 answers | %s of %s | all | %s |\n' "$burst_ok" "$burst" "$(verdict "$([ "$burst_ok" = "$burst" ] && echo 1 || echo 0)")"
   printf '| idle RSS, 12 profiles (10 prewarmed) | %.1f MiB | under 10 MiB | %s |\n' "$(awk -v k="$idle_rss" 'BEGIN{print k/1024}')" "$(verdict "$(awk -v k="$idle_rss" 'BEGIN{print (k<10240)}')")"
   printf '| peak RSS under the serve-path load | %.1f MiB | under 20 MiB | %s |\n' "$(awk -v k="$load_hwm" 'BEGIN{print k/1024}')" "$(verdict "$(awk -v k="$load_hwm" 'BEGIN{print (k<20480)}')")"
   printf '| start-up: exec to a served request (median of %s) | %s ms | | |\n' "$starts" "$startup_ms"
