@@ -195,16 +195,8 @@ impl Running {
         // Build every new provider first: a failure leaves everything as it was.
         let mut specs = Vec::new();
         for p in &coming {
-            match crate::provider::from_config(p, &Clock::System) {
-                Ok(provider) => specs.push(ProfileSpec {
-                    name: p.name.clone(),
-                    provider,
-                    policy: p.policy,
-                    prewarm: p.prewarm,
-                    revoke_on_shutdown: p.revoke_on_shutdown,
-                    adopted: Vec::new(),
-                    unsettled: Vec::new(),
-                }),
+            match spec_from(p, &Clock::System) {
+                Ok(spec) => specs.push(spec),
                 Err(e) => {
                     tracing::error!(
                         "reload: profile {}: {e}; keeping the running config",
@@ -294,23 +286,26 @@ pub fn profiles_from(config: &Config, clock: &Clock) -> Result<Vec<ProfileSpec>,
     config
         .profiles
         .values()
-        .map(|p| {
-            let provider =
-                crate::provider::from_config(p, clock).map_err(|source| DaemonError::Provider {
-                    profile: p.name.clone(),
-                    source,
-                })?;
-            Ok(ProfileSpec {
-                name: p.name.clone(),
-                provider,
-                policy: p.policy,
-                prewarm: p.prewarm,
-                revoke_on_shutdown: p.revoke_on_shutdown,
-                adopted: Vec::new(),
-                unsettled: Vec::new(),
-            })
-        })
+        .map(|p| spec_from(p, clock))
         .collect()
+}
+
+/// One profile's provider and policy, ready for the broker.
+fn spec_from(p: &crate::config::ProfileConfig, clock: &Clock) -> Result<ProfileSpec, DaemonError> {
+    let provider =
+        crate::provider::from_config(p, clock).map_err(|source| DaemonError::Provider {
+            profile: p.name.clone(),
+            source,
+        })?;
+    Ok(ProfileSpec {
+        name: p.name.clone(),
+        provider,
+        policy: p.policy,
+        prewarm: p.prewarm,
+        revoke_on_shutdown: p.revoke_on_shutdown,
+        adopted: Vec::new(),
+        unsettled: Vec::new(),
+    })
 }
 
 /// Who may read each profile, from the config.

@@ -11,9 +11,9 @@ use http::{Method, Request, StatusCode};
 use serde::Deserialize;
 use time::OffsetDateTime;
 
-use super::http::{retry_after, HttpClient, HttpResponse};
+use super::http::{HttpClient, HttpResponse};
 use super::{
-    brief, resolve_expiry, KeyHandle, ListedKey, MintedKey, Provider, ProviderError, ProviderKind,
+    resolve_expiry, KeyHandle, ListedKey, MintedKey, Provider, ProviderError, ProviderKind,
 };
 use crate::clock::Clock;
 use crate::credentials::Secret;
@@ -84,21 +84,7 @@ fn status_error(call: &str, resp: &HttpResponse) -> ProviderError {
         .ok()
         .and_then(|s| s.message)
         .unwrap_or_else(|| String::from_utf8_lossy(&resp.body).into_owned());
-    let said = brief(&said);
-    let message = if said.is_empty() {
-        format!("CoreWeave {call}: HTTP {}", resp.status)
-    } else {
-        format!("CoreWeave {call}: HTTP {}: {said}", resp.status)
-    };
-    match resp.status {
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => ProviderError::Auth(message),
-        StatusCode::TOO_MANY_REQUESTS => ProviderError::RateLimited {
-            retry_after: retry_after(&resp.headers),
-            message,
-        },
-        s if s.is_server_error() => super::server_error(s, message),
-        _ => ProviderError::Rejected(message),
-    }
+    super::refused("CoreWeave", call, resp, &said)
 }
 
 /// A CoreWeave expiry, or `None` for the three "no expiry" forms: absent, the Unix epoch and

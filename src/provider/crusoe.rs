@@ -22,9 +22,9 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::OnceCell;
 
-use super::http::{retry_after, HttpClient, HttpResponse};
+use super::http::{HttpClient, HttpResponse};
 use super::{
-    brief, resolve_expiry, KeyHandle, ListedKey, MintedKey, Provider, ProviderError, ProviderKind,
+    resolve_expiry, KeyHandle, ListedKey, MintedKey, Provider, ProviderError, ProviderKind,
 };
 use crate::clock::Clock;
 use crate::credentials::Secret;
@@ -331,21 +331,7 @@ fn status_error(call: &str, resp: &HttpResponse) -> ProviderError {
                 .or_else(|| b.code.as_ref().map(|c| c.to_string()))
         })
         .unwrap_or_else(|| String::from_utf8_lossy(&resp.body).into_owned());
-    let said = brief(&said);
-    let message = if said.is_empty() {
-        format!("Crusoe {call}: HTTP {}", resp.status)
-    } else {
-        format!("Crusoe {call}: HTTP {}: {said}", resp.status)
-    };
-    match resp.status {
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => ProviderError::Auth(message),
-        StatusCode::TOO_MANY_REQUESTS => ProviderError::RateLimited {
-            retry_after: retry_after(&resp.headers),
-            message,
-        },
-        s if s.is_server_error() => super::server_error(s, message),
-        _ => ProviderError::Rejected(message),
-    }
+    super::refused("Crusoe", call, resp, &said)
 }
 
 #[async_trait]

@@ -16,9 +16,9 @@ use serde::Deserialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::http::{retry_after, HttpClient, HttpResponse};
+use super::http::{HttpClient, HttpResponse};
 use super::{
-    brief, resolve_expiry, KeyHandle, ListedKey, MintedKey, Provider, ProviderError, ProviderKind,
+    resolve_expiry, KeyHandle, ListedKey, MintedKey, Provider, ProviderError, ProviderKind,
 };
 use crate::clock::Clock;
 use crate::credentials::Secret;
@@ -131,18 +131,12 @@ fn status_error(function: &str, resp: &HttpResponse) -> ProviderError {
         .and_then(|e| e.response.status)
         .and_then(|s| s.text)
         .unwrap_or_else(|| String::from_utf8_lossy(&resp.body).into_owned());
-    let said = brief(&said);
-    let message = format!("GleSYS {function}: HTTP {}: {said}", resp.status);
-    match resp.status {
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => ProviderError::Auth(message),
-        StatusCode::TOO_MANY_REQUESTS => ProviderError::RateLimited {
-            retry_after: retry_after(&resp.headers),
-            message,
-        },
-        s if s.is_server_error() => super::server_error(s, message),
+    match super::refused("GleSYS", function, resp, &said) {
         // glesys-go's own fixture answers bad credentials with 400 "Unauthorized".
-        _ if said.to_ascii_lowercase().contains("unauthorized") => ProviderError::Auth(message),
-        _ => ProviderError::Rejected(message),
+        ProviderError::Rejected(m) if said.to_ascii_lowercase().contains("unauthorized") => {
+            ProviderError::Auth(m)
+        }
+        e => e,
     }
 }
 

@@ -125,6 +125,29 @@ impl ProviderError {
     }
 }
 
+/// The error for a refused call: `"{api} {call}: HTTP {status}[: {said}]"`, its variant chosen
+/// by the status: 401/403 are credentials, 429 is a rate limit (with `Retry-After`), 5xx are
+/// the provider's own trouble (or, from a gateway, unknown), any other status a refusal.
+pub fn refused(api: &str, call: &str, resp: &http::HttpResponse, said: &str) -> ProviderError {
+    let said = brief(said);
+    let message = if said.is_empty() {
+        format!("{api} {call}: HTTP {}", resp.status)
+    } else {
+        format!("{api} {call}: HTTP {}: {said}", resp.status)
+    };
+    match resp.status {
+        ::http::StatusCode::UNAUTHORIZED | ::http::StatusCode::FORBIDDEN => {
+            ProviderError::Auth(message)
+        }
+        ::http::StatusCode::TOO_MANY_REQUESTS => ProviderError::RateLimited {
+            retry_after: http::retry_after(&resp.headers),
+            message,
+        },
+        s if s.is_server_error() => server_error(s, message),
+        _ => ProviderError::Rejected(message),
+    }
+}
+
 /// Maps a server-error status: gateways (502, 504) may have passed the request on before
 /// failing, so its outcome is unknown; any other 5xx is the provider's own refusal.
 pub fn server_error(status: ::http::StatusCode, message: String) -> ProviderError {
