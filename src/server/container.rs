@@ -16,8 +16,7 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 use rand::RngCore;
 
-use super::App;
-use crate::broker::ServeError;
+use super::{json_response, App};
 use crate::credentials::Secret;
 
 /// One profile's token and where it was written.
@@ -157,15 +156,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// An error in the shape the SDKs read from a container endpoint: `{"code", "message"}`.
 fn sdk_error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
     let body = serde_json::json!({ "code": code, "message": message }).to_string() + "\n";
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
+    json_response(status, Bytes::from(body))
 }
 
 /// Answers one container-endpoint request.
@@ -181,13 +172,13 @@ pub async fn handle<B>(
             "no such endpoint; use /v1/container-credentials/PROFILE",
         );
     };
-    if app.broker.slot(profile).is_none() {
+    let Some(slot) = app.broker.slot(profile) else {
         return sdk_error(
             StatusCode::NOT_FOUND,
             "NotFound",
             &format!("no profile named {profile:?} in the keybroker config"),
         );
-    }
+    };
     if !tokens.accepts(profile, req.headers().get(header::AUTHORIZATION)) {
         let file = tokens
             .file(profile)
@@ -199,19 +190,9 @@ pub async fn handle<B>(
             &format!("missing or wrong Authorization token for profile {profile}; set AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE={file}"),
         );
     }
-    match app.broker.get(profile).await {
-        Ok(key) => {
-            let mut resp = Response::new(Full::new(key.container_json.clone()));
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            resp.headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            resp
-        }
-        Err(ServeError::UnknownProfile(_)) => unreachable!("checked above"),
-        Err(ServeError::Unavailable(u)) => {
+    match slot.get().await {
+        Ok(key) => json_response(StatusCode::OK, key.container_json.clone()),
+        Err(u) => {
             let mut resp = sdk_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "ServiceUnavailable",

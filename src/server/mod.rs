@@ -119,7 +119,8 @@ async fn accept(
 
 type Body = Full<Bytes>;
 
-fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
+/// A JSON answer with `Cache-Control: no-store`.
+pub(crate) fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
     let mut resp = Response::new(Full::new(body));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
