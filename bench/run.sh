@@ -31,9 +31,8 @@ if [ ! -x "$oha" ]; then
   echo "==> building oha (cargo install, once)"
   cargo install oha --locked --quiet --root "$tools"
 fi
-echo "==> cargo build --release"
-cargo build --release --quiet
-kb=$root/target/release/keybroker
+echo "==> release build (scripts/build-release.sh: static on glibc)"
+kb=$(scripts/build-release.sh)
 
 # ---- a daemon with ten dev profiles ----------------------------------------------------
 work=$(mktemp -d)
@@ -122,6 +121,11 @@ echo "==> cold burst ($burst clients, dev mint_delay 200 ms)"
 burst_p99=$(jq -r '.latencyPercentiles.p99*1000' "$work/burst.json")
 burst_ok=$(jq -r '.statusCodeDistribution["200"] // 0' "$work/burst.json")
 burst_mints=$(curl -sf --unix-socket "$sock" http://kb/v1/status | jq -r '.profiles[] | select(.name == "cold") | .counters.mints')
+# The same burst once the key is ready, against keybroker and nginx: what N simultaneous new
+# connections cost on this machine with no mint to wait for (the floor under the cold p99).
+warm_p99() { "$oha" --no-tui --output-format json -n "$burst" -c "$burst" --unix-socket "$1" "http://kb/v1/credentials/$2" | jq -r '.latencyPercentiles.p99*1000'; }
+warm_kb_p99=$(warm_p99 "$sock" cold)
+warm_ng_p99=$(warm_p99 "$nsock" p0)
 stop_daemon
 
 # ---- start-up: exec to a served request (no prewarm wait: profile "lazy") ---------------
@@ -165,6 +169,7 @@ out=bench/out/results.md
   printf '| cold burst of %s: mints | %s | exactly 1 | %s |\n' "$burst" "$burst_mints" "$(verdict "$([ "$burst_mints" = 1 ] && echo 1 || echo 0)")"
   printf '| cold burst of %s: p99 ms (mint takes 200 ms) | %.1f | under 250 | %s |\n' "$burst" "$burst_p99" "$(verdict "$(awk -v p="$burst_p99" 'BEGIN{print (p<250)}')")"
   printf '| cold burst: HTTP 200 answers | %s of %s | all | %s |\n' "$burst_ok" "$burst" "$(verdict "$([ "$burst_ok" = "$burst" ] && echo 1 || echo 0)")"
+  printf '| the same burst with the key ready: keybroker / nginx p99 ms | %.1f / %.1f | (the floor) | |\n' "$warm_kb_p99" "$warm_ng_p99"
   printf '| idle RSS, 12 profiles (10 prewarmed) | %.1f MiB | under 10 MiB | %s |\n' "$(awk -v k="$idle_rss" 'BEGIN{print k/1024}')" "$(verdict "$(awk -v k="$idle_rss" 'BEGIN{print (k<10240)}')")"
   printf '| peak RSS under the serve-path load | %.1f MiB | under 20 MiB | %s |\n' "$(awk -v k="$load_hwm" 'BEGIN{print k/1024}')" "$(verdict "$(awk -v k="$load_hwm" 'BEGIN{print (k<20480)}')")"
   printf '| start-up: exec to a served request (median of %s) | %s ms | | |\n' "$starts" "$startup_ms"
