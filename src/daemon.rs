@@ -381,6 +381,10 @@ pub async fn run(
     state_dir: Option<&Path>,
     stop: impl Future<Output = ()>,
 ) -> Result<StopReport, DaemonError> {
+    // Before anything else: SIGHUP's default action ends the process, and a reload may come
+    // while the daemon is still starting (it is then carried out once start-up is done).
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(DaemonError::Listener)?;
     let mut broker = BrokerOptions::new(Clock::System);
     if let Some(dir) = state_dir {
         let state = open_state(dir)?;
@@ -434,8 +438,6 @@ pub async fn run(
         crate::systemd::ready(running.broker());
         crate::systemd::spawn_heartbeat(Arc::clone(running.broker()), heartbeat.clone());
         let mut running_config = config.clone();
-        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            .map_err(DaemonError::Listener)?;
         loop {
             tokio::select! {
                 _ = &mut stop => break,
@@ -451,13 +453,19 @@ pub async fn run(
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.
-pub async fn stop_signal() {
+///
+/// The handlers are installed when this is called, not when the future is first polled: a
+/// signal that arrives while the daemon starts (recovery, binding, the first requests) is then
+/// held for the stop sequence instead of killing the process by its default action.
+pub fn stop_signal() -> impl Future<Output = ()> + Send {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }
 

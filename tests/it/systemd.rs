@@ -332,3 +332,35 @@ async fn sighup_adds_removes_and_keeps_profiles_without_dropping_connections() {
     assert!(status.success(), "{}", daemon.logs());
     assert!(fake.live().is_empty());
 }
+
+/// Signals that come while the daemon is still starting (here: its prewarm mint takes 3 s)
+/// are not fatal: SIGHUP is a reload once start-up is done, SIGTERM the usual ordered stop.
+/// Without handlers installed first thing, both would end the process by default action.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_during_start_up_are_handled_not_fatal() {
+    let fake = FakeCloud::new(Clock::System);
+    fake.set_faults(Faults {
+        create_latency: Duration::from_secs(3),
+        ..Faults::default()
+    });
+    let url = fake.serve().await;
+    let env = Env::new();
+    let config = env.config(&fake.profile_toml("coreweave", "cw", &url, &env, ""));
+    let mut daemon = tokio::task::block_in_place(|| env.serve(&config, "info"));
+    let (_, status, _) = tokio::task::block_in_place(|| env.run(&["status", "--json"]));
+    assert!(status.contains("\"minting\""), "still starting: {status}");
+    daemon.signal(rustix::process::Signal::HUP);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        daemon.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "SIGHUP during start-up killed the daemon: {}",
+        daemon.logs()
+    );
+    let (status, _) = tokio::task::block_in_place(|| daemon.stop(Duration::from_secs(25)));
+    assert!(status.success(), "{status}: {}", daemon.logs());
+    assert!(
+        fake.live().is_empty(),
+        "the key minted meanwhile was revoked"
+    );
+    assert!(daemon.logs().contains("SIGTERM received"));
+}
