@@ -8,7 +8,13 @@ use crate::logging::LogFormat;
 
 /// keybroker: short-lived object-storage keys for aws-cli and the AWS SDKs.
 #[derive(Debug, Parser)]
-#[command(name = "keybroker", version, about, max_term_width = 100)]
+#[command(
+    name = "keybroker",
+    version,
+    propagate_version = true,
+    about,
+    max_term_width = 100
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -26,9 +32,10 @@ pub enum Command {
         /// Development mode: one profile `dev` with in-process keys, no config, no cloud account.
         #[arg(long, conflicts_with = "config")]
         dev: bool,
-        /// Log line format.
-        #[arg(long, value_enum, default_value = "text")]
-        log_format: LogFormat,
+        /// Log output [default: journald when systemd's $JOURNAL_STREAM is our stderr, else
+        /// text].
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
     },
     /// Print a profile's credentials as credential_process JSON (for ~/.aws/config).
     CredentialProcess {
@@ -55,10 +62,123 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         config: Option<PathBuf>,
     },
+    /// Mint a new key for PROFILE now and retire the current one (root or the daemon's user).
+    ///
+    /// The retired key stays valid for the clients that fetched it and is revoked when it
+    /// expires. Also ends the hold of `keybroker revoke`.
+    Rotate {
+        /// The profile.
+        profile: String,
+        /// Daemon socket [default: $KEYBROKER_SOCKET, else the per-user default].
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
+    /// Revoke every key of PROFILE now (root or the daemon's user).
+    ///
+    /// The profile then serves no key: requests get HTTP 503 until `keybroker rotate PROFILE`.
+    Revoke {
+        /// The profile.
+        profile: String,
+        /// Daemon socket [default: $KEYBROKER_SOCKET, else the per-user default].
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
+    /// Panic button: revoke EVERY key of a CoreWeave principal (root or the daemon's user).
+    ///
+    /// Calls CoreWeave's revoke-access-key/principal with the profile's API token. Every key
+    /// minted with that token shares the principal `coreweave/<token id>`, so this kills all of
+    /// them, on every node, and any other key of that principal. The profile's own keys are
+    /// then revoked too, and it serves no key until `keybroker rotate`. Refused without --yes.
+    RevokePrincipal {
+        /// The profile whose CoreWeave API token makes the call.
+        #[arg(long)]
+        profile: String,
+        /// The principal, e.g. coreweave/ueqXfgRCYGqptEXAMPLE1.
+        principal: String,
+        /// Confirm: every key of the principal stops working at once.
+        #[arg(long)]
+        yes: bool,
+        /// Daemon socket [default: $KEYBROKER_SOCKET, else the per-user default].
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
+    /// Print a shell completion script: bash, zsh, fish, elvish or powershell.
+    ///
+    /// For bash: keybroker completions bash > /etc/bash_completion.d/keybroker
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout (keybroker man | man -l -), or write every page.
+    Man {
+        /// Write keybroker.1 and a keybroker-COMMAND.1 per command into this directory, e.g.
+        /// /usr/local/share/man/man1, instead of printing keybroker.1.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Validate a config file without starting.
     CheckConfig {
         /// Config file [default: $KEYBROKER_CONFIG, else /etc/keybroker/keybroker.toml].
         #[arg(long, value_name = "PATH")]
         config: Option<PathBuf>,
     },
+}
+
+/// Sections of keybroker(1) that clap does not describe: exit codes, environment and files.
+const MAN_EXTRA: &str = r#".SH "EXIT STATUS"
+.TP
+0
+Success. For \fBserve\fR: a clean stop with every key revoked. For \fBstatus\fR: every profile is healthy.
+.TP
+1
+A failure, said in one line on stderr: the daemon is unreachable, refused, or answered with an error; \fBstatus\fR found a profile degraded, unavailable or revoked; \fBserve\fR left keys unrevoked (named in its last log line).
+.TP
+64
+Bad usage or an invalid config file (\fIpath:line:col: message\fR).
+.SH ENVIRONMENT
+.TP
+KEYBROKER_CONFIG
+The config file when \fB\-\-config\fR is not given.
+.TP
+KEYBROKER_SOCKET
+The daemon's socket when \fB\-\-socket\fR is not given.
+.TP
+RUST_LOG
+The daemon's log filter; default \fIinfo\fR.
+.TP
+XDG_RUNTIME_DIR
+A non-root user's socket lives in \fI$XDG_RUNTIME_DIR/keybroker/\fR.
+.TP
+JOURNAL_STREAM
+Set by systemd: when it names the daemon's stderr, logs go to journald with their fields.
+.SH FILES
+.TP
+/etc/keybroker/keybroker.toml
+The config file.
+.TP
+/run/keybroker/keybroker.sock
+The system daemon's socket (root's default; other users fall back to it).
+.TP
+/var/lib/keybroker/ledger.jsonl
+The ledger of every key minted and not yet revoked (root's state directory; \fI$STATE_DIRECTORY\fR under systemd).
+"#;
+
+/// The man pages: `keybroker.1`, then `keybroker-COMMAND.1` for each command, as
+/// `(file name, roff)`.
+pub fn man_pages() -> std::io::Result<Vec<(String, Vec<u8>)>> {
+    let mut cmd = <Cli as clap::CommandFactory>::command().disable_help_subcommand(true);
+    cmd.build();
+    let mut pages = Vec::new();
+    let mut main = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut main)?;
+    main.extend_from_slice(MAN_EXTRA.as_bytes());
+    pages.push(("keybroker.1".to_string(), main));
+    for sub in cmd.get_subcommands() {
+        let man = clap_mangen::Man::new(sub.clone());
+        let mut page = Vec::new();
+        man.render(&mut page)?;
+        pages.push((man.get_filename(), page));
+    }
+    Ok(pages)
 }

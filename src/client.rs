@@ -33,9 +33,25 @@ impl Answer {
     }
 }
 
+/// How long an admin command waits for the daemon: its own wait for the provider
+/// (`server::ADMIN_WAIT`, 30 s) and a margin.
+pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(40);
+
 /// Sends `GET path` to the daemon at `socket` and reads the answer, all within `timeout`.
 /// Errors are one line saying what failed and what to do.
 pub fn get(socket: &Path, path: &str, timeout: Duration) -> Result<Answer, String> {
+    request(socket, "GET", path, None, timeout)
+}
+
+/// Sends `method path` (with a JSON `body`, if any) to the daemon at `socket` and reads the
+/// answer, all within `timeout`.
+pub fn request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<Answer, String> {
     let deadline = Instant::now() + timeout;
     let shown = socket.display();
     let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
@@ -61,7 +77,19 @@ pub fn get(socket: &Path, path: &str, timeout: Duration) -> Result<Answer, Strin
     stream
         .set_write_timeout(remaining())
         .map_err(|e| e.to_string())?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: keybroker\r\nConnection: close\r\n\r\n");
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: keybroker\r\nConnection: close\r\n");
+    match body {
+        Some(body) => {
+            request.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            ));
+            request.push_str(&String::from_utf8_lossy(body));
+        }
+        None if method == "POST" => request.push_str("Content-Length: 0\r\n\r\n"),
+        None => request.push_str("\r\n"),
+    }
     stream
         .write_all(request.as_bytes())
         .map_err(|e| match e.kind() {
@@ -159,6 +187,80 @@ pub fn credential_process(socket: &Path, profile: &str) -> Result<Vec<u8>, Strin
     }
 }
 
+/// An operator's action on a profile (`keybroker rotate`, `revoke`, `revoke-principal`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminCall {
+    /// Mint a new key now and retire the current one.
+    Rotate,
+    /// Revoke every key of the profile and serve none until a rotate.
+    Revoke,
+    /// Revoke every key of a CoreWeave principal, then the profile's own keys.
+    RevokePrincipal(String),
+}
+
+/// Runs `call` on `profile` and returns what to print, or the one line for stderr.
+pub fn admin(socket: &Path, profile: &str, call: &AdminCall) -> Result<String, String> {
+    let (action, body) = match call {
+        AdminCall::Rotate => ("rotate", None),
+        AdminCall::Revoke => ("revoke", None),
+        AdminCall::RevokePrincipal(p) => (
+            "revoke-principal",
+            Some(serde_json::json!({ "principal": p }).to_string()),
+        ),
+    };
+    let answer = request(
+        socket,
+        "POST",
+        &format!("/v1/admin/{action}/{profile}"),
+        body.as_deref().map(str::as_bytes),
+        ADMIN_TIMEOUT,
+    )?;
+    if answer.status != 200 {
+        let message = answer.error_message();
+        return Err(match answer.status {
+            403 => format!("{action} {profile}: access denied: {message}; run it as root or as the daemon's user"),
+            _ => format!("{action} {profile}: {message}"),
+        });
+    }
+    let v: serde_json::Value = serde_json::from_slice(&answer.body)
+        .map_err(|e| format!("{action} {profile}: unreadable answer from the daemon: {e}"))?;
+    let text = |k: &str| v[k].as_str().unwrap_or("-").to_string();
+    let ids = |k: &str| {
+        let ids: Vec<&str> = v[k]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+            .unwrap_or_default();
+        if ids.is_empty() {
+            "none".to_string()
+        } else {
+            ids.join(", ")
+        }
+    };
+    Ok(match call {
+        AdminCall::Rotate => {
+            let mut out = format!(
+                "profile {profile}: new key {}, expires {}\n",
+                text("key_id"),
+                text("expires_at")
+            );
+            if let Some(old) = v["retired"].as_str() {
+                out.push_str(&format!(
+                    "the old key {old} is retired: still valid for clients that fetched it, revoked when it expires\n"
+                ));
+            }
+            out
+        }
+        AdminCall::Revoke => format!(
+            "profile {profile}: revoked {}\nit serves no key (HTTP 503) until keybroker rotate {profile}\n",
+            ids("revoked")
+        ),
+        AdminCall::RevokePrincipal(p) => format!(
+            "principal {p}: every key revoked by the provider\nprofile {profile}: its own keys dropped and revoked: {}\nit serves no key (HTTP 503) until keybroker rotate {profile}\n",
+            ids("revoked")
+        ),
+    })
+}
+
 /// `keybroker status`: prints the table (or the JSON) and tells whether every profile is
 /// healthy (not degraded, not unavailable).
 pub fn status(socket: &Path, json: bool) -> Result<bool, String> {
@@ -173,9 +275,12 @@ pub fn status(socket: &Path, json: bool) -> Result<bool, String> {
     let value: serde_json::Value = serde_json::from_slice(&answer.body)
         .map_err(|e| format!("status: unreadable answer from the daemon: {e}"))?;
     let profiles = value["profiles"].as_array().cloned().unwrap_or_default();
-    let healthy = profiles
-        .iter()
-        .all(|p| !matches!(p["state"].as_str(), Some("degraded" | "unavailable")));
+    let healthy = profiles.iter().all(|p| {
+        !matches!(
+            p["state"].as_str(),
+            Some("degraded" | "unavailable" | "revoked")
+        )
+    });
     if json {
         println!(
             "{}",

@@ -127,6 +127,7 @@ pub fn start(
         broker: Arc::clone(&broker),
         access: arc_swap::ArcSwap::from_pointee(options.access),
         container,
+        requests: Default::default(),
     });
     let stop_server = CancellationToken::new();
     let drain = server::DRAIN_TIMEOUT.min(options.shutdown_timeout / 4);

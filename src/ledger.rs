@@ -123,6 +123,9 @@ pub struct Ledger {
     path: PathBuf,
     file: Mutex<File>,
     _lock: File,
+    /// Leases with no `revoked` record yet (as of the last replay or compaction and the
+    /// appends since): the metrics' ledger backlog.
+    open: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Ledger {
@@ -158,6 +161,7 @@ impl Ledger {
             path,
             file: Mutex::new(file),
             _lock: lock,
+            open: Mutex::default(),
         })
     }
 
@@ -173,7 +177,25 @@ impl Ledger {
         let mut file = self.file.lock().expect("ledger lock poisoned");
         file.write_all(&line)
             .map_err(io_err(&self.path, "appending"))?;
-        file.sync_data().map_err(io_err(&self.path, "syncing"))
+        file.sync_data().map_err(io_err(&self.path, "syncing"))?;
+        drop(file);
+        let mut open = self.open.lock().expect("ledger lock poisoned");
+        match record {
+            Record::Intent { lease, .. } => open.insert(lease.clone()),
+            Record::Revoked { lease, .. } => open.remove(lease),
+            Record::Minted { .. } => false,
+        };
+        Ok(())
+    }
+
+    /// How many leases are open: keys alive and creates whose outcome is unknown.
+    pub fn backlog(&self) -> usize {
+        self.open.lock().expect("ledger lock poisoned").len()
+    }
+
+    fn set_open(&self, open: &[OpenLease]) {
+        *self.open.lock().expect("ledger lock poisoned") =
+            open.iter().map(|l| l.lease.clone()).collect();
     }
 
     /// Reads every record and works out which leases are still open.
@@ -240,6 +262,7 @@ impl Ledger {
         let mut open: Vec<(usize, OpenLease)> = leases.into_values().collect();
         open.sort_by_key(|(n, _)| *n);
         replay.open = open.into_iter().map(|(_, l)| l).collect();
+        self.set_open(&replay.open);
         Ok(replay)
     }
 
@@ -283,6 +306,8 @@ impl Ledger {
             .and_then(|d| d.sync_all())
             .map_err(io_err(&self.dir, "syncing the directory"))?;
         *file = open_append(&self.path)?;
+        drop(file);
+        self.set_open(open);
         Ok(())
     }
 }

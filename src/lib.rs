@@ -25,6 +25,7 @@ pub mod credentials;
 pub mod daemon;
 pub mod ledger;
 pub mod logging;
+pub mod metrics;
 pub mod provider;
 pub mod recovery;
 pub mod server;

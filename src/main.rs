@@ -63,6 +63,35 @@ fn main() -> ExitCode {
         Command::CredentialProcess { profile, socket } => {
             credential_process(&profile, socket.as_deref())
         }
+        Command::Rotate { profile, socket } => {
+            admin(socket.as_deref(), &profile, &client::AdminCall::Rotate)
+        }
+        Command::Revoke { profile, socket } => {
+            admin(socket.as_deref(), &profile, &client::AdminCall::Revoke)
+        }
+        Command::RevokePrincipal {
+            profile,
+            principal,
+            yes,
+            socket,
+        } => {
+            if !yes {
+                return fail_usage(&format!(
+                    "revoke-principal revokes EVERY key of {principal}: all keys minted with profile {profile}'s API token, on every node, and any other key of that principal. Nothing was done; add --yes to go ahead"
+                ));
+            }
+            admin(
+                socket.as_deref(),
+                &profile,
+                &client::AdminCall::RevokePrincipal(principal),
+            )
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "keybroker", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man { dir } => man(dir.as_deref()),
         Command::Status { socket, json } => {
             let socket = config::resolve_client_socket(socket.as_deref());
             match client::status(&socket, json) {
@@ -115,6 +144,43 @@ fn credential_process(profile: &str, socket: Option<&std::path::Path>) -> ExitCo
     }
 }
 
+/// `keybroker man [--dir DIR]`.
+fn man(dir: Option<&std::path::Path>) -> ExitCode {
+    let pages = match keybroker::cli::man_pages() {
+        Ok(p) => p,
+        Err(e) => return fail(&format!("rendering the man pages: {e}")),
+    };
+    let Some(dir) = dir else {
+        let mut out = std::io::stdout().lock();
+        return match out.write_all(&pages[0].1).and_then(|()| out.flush()) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                fail(&format!("writing the man page: {e}"))
+            }
+            _ => ExitCode::SUCCESS,
+        };
+    };
+    for (name, roff) in &pages {
+        let path = dir.join(name);
+        if let Err(e) = std::fs::write(&path, roff) {
+            return fail(&format!("writing {}: {e}", path.display()));
+        }
+        println!("{}", path.display());
+    }
+    ExitCode::SUCCESS
+}
+
+/// `rotate`, `revoke`, `revoke-principal`: one call to the daemon, its outcome on stdout.
+fn admin(socket: Option<&std::path::Path>, profile: &str, call: &client::AdminCall) -> ExitCode {
+    let socket = config::resolve_client_socket(socket);
+    match client::admin(&socket, profile, call) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(line) => fail(&line),
+    }
+}
+
 fn fail(line: &str) -> ExitCode {
     eprintln!("keybroker: {line}");
     ExitCode::FAILURE
@@ -128,7 +194,7 @@ fn fail_usage(line: &str) -> ExitCode {
 fn serve(
     config_flag: Option<std::path::PathBuf>,
     dev: bool,
-    log_format: logging::LogFormat,
+    log_format: Option<logging::LogFormat>,
 ) -> ExitCode {
     let config = if dev {
         config::dev()

@@ -17,7 +17,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use policy::{backoff, retry_delay, RenewPolicy, BACKOFF_CAP, DEGRADED_FLOOR, RENEW_JITTER};
-pub use slot::{Adopted, ReadyKey, Slot, SlotContext, SlotStatus, Unavailable};
+pub use slot::{
+    Adopted, ReadyKey, RevokedKeys, Rotated, Slot, SlotContext, SlotStatus, Unavailable,
+    HELD_RETRY_AFTER,
+};
 
 use crate::clock::Clock;
 use crate::provider::{Provider, ProviderKind};
@@ -208,6 +211,11 @@ impl Broker {
     /// The slot of `profile`.
     pub fn slot(&self, profile: &str) -> Option<Arc<Slot>> {
         self.slots.load().get(profile).map(|e| Arc::clone(&e.slot))
+    }
+
+    /// Open leases in the ledger, when there is one.
+    pub fn ledger_backlog(&self) -> Option<usize> {
+        self.context.ledger.as_ref().map(|l| l.backlog())
     }
 
     /// Profile names.

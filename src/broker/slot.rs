@@ -18,6 +18,7 @@ use super::ProfileSpec;
 use crate::clock::{positive, Clock};
 use crate::credentials::{self, format_expiration};
 use crate::ledger::{Ledger, LedgerError, Record};
+use crate::metrics::{Timed, UpstreamStats};
 use crate::provider::{KeyHandle, MintedKey, Provider, ProviderError};
 
 /// A key ready to serve, with its response bodies rendered once.
@@ -71,6 +72,30 @@ pub struct Unavailable {
     pub message: String,
 }
 
+/// `Retry-After` for a profile whose keys an operator revoked: nothing changes until they
+/// rotate it, so clients need not ask often.
+pub const HELD_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// What `keybroker rotate` achieved.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Rotated {
+    /// The new key's id.
+    pub key_id: String,
+    /// Its expiry (RFC 3339).
+    pub expires_at: String,
+    /// The key it replaced, now retired: valid until its expiry, then revoked.
+    pub retired: Option<String>,
+}
+
+/// What `keybroker revoke` achieved.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RevokedKeys {
+    /// Keys revoked now.
+    pub revoked: Vec<String>,
+    /// Keys whose revocation failed, with why; the broker keeps retrying them.
+    pub failed: Vec<(String, String)>,
+}
+
 /// Counters reported in status.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -112,6 +137,11 @@ struct State {
     request_floor: OffsetDateTime,
     in_flight: bool,
     stopping: bool,
+    /// An operator revoked every key (`keybroker revoke`) at this time: no mint, and requests
+    /// get 503, until `keybroker rotate`.
+    held: Option<OffsetDateTime>,
+    /// An operator asked for a new key now (`keybroker rotate`); cleared when its mint starts.
+    rotate: bool,
 }
 
 /// A profile's key slot.
@@ -138,6 +168,8 @@ pub struct Slot {
     tag_prefix: Arc<str>,
     /// Creates whose answer was lost: the key may exist; its tag will tell.
     pending: Mutex<Vec<Pending>>,
+    /// Timings of every provider call made for this profile.
+    upstream: Arc<UpstreamStats>,
 }
 
 /// A create whose outcome is unknown.
@@ -184,7 +216,8 @@ impl std::fmt::Debug for Slot {
 /// What a status answer shows of a slot.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SlotStatus {
-    /// `cold`, `minting`, `ready`, `renewing`, `degraded`, `unavailable` or `stopped`.
+    /// `cold`, `minting`, `ready`, `renewing`, `degraded`, `unavailable`, `revoked` (by an
+    /// operator, until `keybroker rotate`) or `stopped`.
     pub state: &'static str,
     /// The current key's id.
     pub key_id: Option<String>,
@@ -202,6 +235,32 @@ pub struct SlotStatus {
     pub counters: CountersSnapshot,
     /// The last failure, if the last attempt failed.
     pub last_error: Option<String>,
+}
+
+impl SlotStatus {
+    /// A status in `state` with no key, for tests of what renders it.
+    #[cfg(test)]
+    pub fn example(state: &'static str) -> Self {
+        SlotStatus {
+            state,
+            key_id: None,
+            expires_at: None,
+            expires_in_seconds: None,
+            next_renewal: None,
+            renews_in_seconds: None,
+            retired_keys: 0,
+            counters: CountersSnapshot {
+                mints: 0,
+                renewals: 0,
+                mint_failures: 0,
+                revokes: 0,
+                revoke_failures: 0,
+                degraded_serves: 0,
+                unavailable: 0,
+            },
+            last_error: None,
+        }
+    }
 }
 
 /// A copy of [`Counters`].
@@ -242,6 +301,8 @@ impl Slot {
             tag_prefix,
         } = context;
         let now = clock.now();
+        let upstream = Arc::new(UpstreamStats::default());
+        let provider: Arc<dyn Provider> = Arc::new(Timed::new(provider, Arc::clone(&upstream)));
         let retired = adopted
             .into_iter()
             .map(|a| Retired {
@@ -273,6 +334,8 @@ impl Slot {
                 request_floor: now,
                 in_flight: false,
                 stopping: false,
+                held: None,
+                rotate: false,
             }),
             wake: Notify::new(),
             attempts: watch::channel(0).0,
@@ -293,7 +356,13 @@ impl Slot {
                     })
                     .collect(),
             ),
+            upstream,
         }
+    }
+
+    /// Timings of the provider calls made for this profile.
+    pub fn upstream(&self) -> &UpstreamStats {
+        &self.upstream
     }
 
     /// The profile name.
@@ -354,6 +423,18 @@ impl Slot {
                     retry_after: Duration::from_secs(1),
                     message: format!(
                         "profile {} has no valid key: keybroker is stopping",
+                        self.name
+                    ),
+                });
+            }
+            if let Some(at) = st.held {
+                self.counters.unavailable.fetch_add(1, Ordering::Relaxed);
+                return Err(Unavailable {
+                    retry_after: HELD_RETRY_AFTER,
+                    message: format!(
+                        "profile {} has no key: an operator revoked its keys at {}; `keybroker rotate {}` mints a new one",
+                        self.name,
+                        format_expiration(at),
                         self.name
                     ),
                 });
@@ -501,14 +582,18 @@ impl Slot {
         }
         let next_revoke = st.retired.iter().map(|r| r.revoke_at).min();
         let due = match (&*self.current.load(), st.renew_at) {
+            _ if st.held.is_some() => false,
+            _ if st.rotate => true,
             (None, _) => st.active,
             (Some(_), Some(renew_at)) => now >= renew_at,
             (Some(_), None) => true,
         };
         let wanted_now = st.active && self.ready().is_none();
-        let allowed = now >= st.next_attempt || (wanted_now && now >= st.request_floor);
+        let allowed =
+            st.rotate || now >= st.next_attempt || (wanted_now && now >= st.request_floor);
         if due && allowed {
             st.in_flight = true;
+            st.rotate = false;
             return (true, None);
         }
         let next_mint = if due {
@@ -803,6 +888,17 @@ impl Slot {
         let mut st = self.lock();
         st.in_flight = false;
         match result {
+            Ok(key) if st.held.is_some() => {
+                // An operator revoked the profile's keys while this mint was in flight: the new
+                // key is not served, only revoked.
+                tracing::info!(profile = %self.name, key_id = %key.access_key_id, "minted while the profile's keys were being revoked; revoking it too");
+                st.retired.push(Retired {
+                    key: Arc::new(ReadyKey::new(key, tag, lease)),
+                    revoke_at: now,
+                    failures: 0,
+                });
+                // The driver revokes it on its next pass, which follows this attempt.
+            }
             Ok(key) => {
                 let ready = Arc::new(ReadyKey::new(key, tag, lease));
                 let renew_at = self.policy.renew_at(ready.expires_at, jitter);
@@ -896,6 +992,109 @@ impl Slot {
         }
     }
 
+    /// `keybroker rotate`: mints a new key now, whatever the renewal schedule or backoff say,
+    /// and retires the current one (still valid for clients that fetched it, revoked at its
+    /// expiry). Also lifts a `keybroker revoke` hold. Waits for that mint, at most `wait`.
+    pub async fn rotate(&self, wait: Duration) -> Result<Rotated, String> {
+        let mut attempts = self.attempts.subscribe();
+        let before = self
+            .current
+            .load()
+            .as_ref()
+            .map(|k| k.handle.access_key_id.clone());
+        {
+            let mut st = self.lock();
+            if st.stopping {
+                return Err(format!("profile {} is stopping", self.name));
+            }
+            st.held = None;
+            st.active = true;
+            st.rotate = true;
+        }
+        self.wake.notify_one();
+        tracing::info!(profile = %self.name, "rotation requested by an operator");
+        let finished = tokio::time::timeout(wait, async {
+            loop {
+                if attempts.changed().await.is_err() {
+                    return;
+                }
+                let st = self.lock();
+                if (!st.rotate && !st.in_flight) || st.stopping {
+                    return;
+                }
+            }
+        })
+        .await;
+        if finished.is_err() {
+            return Err(format!(
+                "profile {}: the new key's mint did not finish within {}s; it goes on in the background (keybroker status shows it)",
+                self.name,
+                wait.as_secs()
+            ));
+        }
+        let st = self.lock();
+        match self.current.load().as_ref() {
+            Some(k) if Some(&k.handle.access_key_id) != before.as_ref() => Ok(Rotated {
+                key_id: k.handle.access_key_id.clone(),
+                expires_at: format_expiration(k.expires_at),
+                retired: before,
+            }),
+            _ => Err(match &st.last_error {
+                Some((e, _)) => format!(
+                    "profile {}: minting the new key failed: the {} API failed: {e}",
+                    self.name,
+                    self.provider.kind()
+                ),
+                None => format!("profile {}: no new key was minted", self.name),
+            }),
+        }
+    }
+
+    /// `keybroker revoke`: revokes every key of the profile now, current and retired, and holds
+    /// it: no new key and 503 for requests until [`Slot::rotate`]. A key whose revocation fails
+    /// stays with the driver, which retries it with backoff.
+    pub async fn revoke_all(&self) -> RevokedKeys {
+        let keys = {
+            let mut st = self.lock();
+            st.held = Some(self.clock.now());
+            st.active = false;
+            st.rotate = false;
+            st.renew_at = None;
+            let mut keys: Vec<Arc<ReadyKey>> = st.retired.drain(..).map(|r| r.key).collect();
+            keys.extend(self.current.swap(None));
+            keys
+        };
+        tracing::warn!(profile = %self.name, keys = keys.len(), "an operator revoked every key of the profile; requests get 503 until keybroker rotate");
+        let mut outcome = RevokedKeys::default();
+        for key in keys {
+            let id = key.handle.access_key_id.clone();
+            match self.provider.revoke(&key.handle).await {
+                Ok(()) => {
+                    self.counters.revokes.fetch_add(1, Ordering::Relaxed);
+                    self.journal_revoked(&key.lease);
+                    tracing::info!(profile = %self.name, key_id = %id, "revoked key on an operator's request");
+                    outcome.revoked.push(id);
+                }
+                Err(e) => {
+                    self.counters
+                        .revoke_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(profile = %self.name, key_id = %id, error = %e, "revoke failed; retrying in the background");
+                    let delay = backoff(1, self.jitter(), e.retry_floor());
+                    self.lock().retired.push(Retired {
+                        key,
+                        revoke_at: self.clock.now() + delay,
+                        failures: 1,
+                    });
+                    outcome.failed.push((id, e.to_string()));
+                }
+            }
+        }
+        self.wake.notify_one();
+        self.attempts.send_modify(|n| *n += 1);
+        outcome
+    }
+
     /// Takes every key out of the slot (current and retired), for revocation at stop.
     pub fn take_all(&self) -> Vec<Arc<ReadyKey>> {
         let mut st = self.lock();
@@ -915,6 +1114,8 @@ impl Slot {
             .is_some_and(|k| self.remaining(k) >= self.policy.min_remaining);
         let state = if st.stopping {
             "stopped"
+        } else if st.held.is_some() {
+            "revoked"
         } else if st.last_error.is_some() {
             match &current {
                 Some(k) if self.remaining(k) > self.policy.degraded_floor() => "degraded",

@@ -1,7 +1,8 @@
 //! CoreWeave AI Object Storage (`reference/providers.md` §1).
 //!
 //! Mint: `POST /v1/cwobject/access-key` with `durationSeconds` and an `attributes` tag; revoke:
-//! `POST /v1/cwobject/revoke-access-key/access-key` with the key id. Bearer token auth.
+//! `POST /v1/cwobject/revoke-access-key/access-key` with the key id; the operator's panic
+//! button: `POST /v1/cwobject/revoke-access-key/principal`. Bearer token auth.
 
 use std::time::Duration;
 
@@ -207,6 +208,20 @@ impl Provider for CoreWeave {
             // Already gone (revoked, or expired and removed): the goal is met.
             StatusCode::NOT_FOUND => Ok(()),
             _ => Err(status_error("revoke access key", &resp)),
+        }
+    }
+
+    async fn revoke_principal(&self, principal: &str) -> Result<(), ProviderError> {
+        let resp = self
+            .post(
+                "/v1/cwobject/revoke-access-key/principal",
+                serde_json::json!({ "principalName": principal }),
+            )
+            .await?;
+        if resp.status.is_success() {
+            Ok(())
+        } else {
+            Err(status_error("revoke a principal's access keys", &resp))
         }
     }
 }

@@ -229,6 +229,16 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Revokes a key. A key the provider no longer knows counts as revoked.
     async fn revoke(&self, key: &KeyHandle) -> Result<(), ProviderError>;
+
+    /// Revokes every key of `principal`, the panic button (`reference/providers.md` §1). Only
+    /// CoreWeave has such a call.
+    async fn revoke_principal(&self, principal: &str) -> Result<(), ProviderError> {
+        let _ = principal;
+        Err(ProviderError::Rejected(format!(
+            "{} has no call that revokes a principal's keys; only coreweave does",
+            self.kind()
+        )))
+    }
 }
 
 /// How much the provider's `Date` may differ from ours before it is worth a warning.

@@ -70,6 +70,8 @@ pub struct App {
     pub access: arc_swap::ArcSwap<Access>,
     /// The container endpoint's tokens, when it is enabled.
     pub container: Option<ContainerTokens>,
+    /// Answers given, by status, for `/metrics`.
+    pub requests: crate::metrics::Requests,
 }
 
 /// A listening endpoint: the Unix socket, or the loopback container endpoint.
@@ -140,19 +142,28 @@ pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response
     json_response(status, Bytes::from(text))
 }
 
+/// How long an admin call waits for the provider (a rotation's mint, a revocation) before
+/// answering; what is under way goes on in the background.
+pub const ADMIN_WAIT: Duration = Duration::from_secs(30);
+
+/// The largest request body read (the admin calls' JSON).
+const MAX_BODY: usize = 4096;
+
 /// Answers one request from `peer`.
-pub async fn handle(app: &App, peer: Peer, req: &Request<Incoming>) -> Response<Body> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut resp = error_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            &format!("{} is not supported; use GET", req.method()),
-        );
-        resp.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-        return resp;
-    }
+pub async fn handle(app: &App, peer: Peer, req: Request<Incoming>) -> Response<Body> {
+    let method = req.method();
+    let readable = method == Method::GET || method == Method::HEAD;
     let path = req.uri().path();
+    if let Some(action) = path.strip_prefix("/v1/admin/") {
+        if method != Method::POST {
+            return not_allowed(method, "POST");
+        }
+        let action = action.to_string();
+        return admin(app, peer, &action, req).await;
+    }
+    if !readable {
+        return not_allowed(method, "GET, HEAD");
+    }
     if let Some(profile) = path.strip_prefix("/v1/credentials/") {
         return credentials(app, peer, profile).await;
     }
@@ -169,12 +180,166 @@ pub async fn handle(app: &App, peer: Peer, req: &Request<Incoming>) -> Response<
             }
             json_response(StatusCode::OK, status_body(app))
         }
+        "/metrics" => {
+            if !app.access.load().is_admin(peer) {
+                return forbidden(peer, "metrics are for root and the daemon's user");
+            }
+            let mut resp = Response::new(Full::new(Bytes::from(metrics_body(app))));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            resp
+        }
         _ => error_response(
             StatusCode::NOT_FOUND,
             "not_found",
             &format!("no such endpoint {path}; try /v1/credentials/PROFILE"),
         ),
     }
+}
+
+fn not_allowed(method: &Method, allow: &'static str) -> Response<Body> {
+    let mut resp = error_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &format!("{method} is not supported here; use {allow}"),
+    );
+    resp.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    resp
+}
+
+/// `POST /v1/admin/{rotate,revoke,revoke-principal}/{profile}`: root and the daemon's user only.
+async fn admin(app: &App, peer: Peer, action: &str, req: Request<Incoming>) -> Response<Body> {
+    if !app.access.load().is_admin(peer) {
+        return forbidden(peer, "admin calls are for root and the daemon's user");
+    }
+    let Some((action, profile)) = action.split_once('/') else {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "admin calls are POST /v1/admin/{rotate,revoke,revoke-principal}/PROFILE",
+        );
+    };
+    let Some(slot) = app.broker.slot(profile) else {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "unknown_profile",
+            &format!("no profile named {profile:?} in the keybroker config"),
+        );
+    };
+    let upstream_failed =
+        |message: &str| error_response(StatusCode::BAD_GATEWAY, "upstream_failed", message);
+    match action {
+        "rotate" => match slot.rotate(ADMIN_WAIT).await {
+            Ok(rotated) => {
+                let mut body = serde_json::json!({ "profile": profile });
+                body.as_object_mut().expect("an object").extend(
+                    serde_json::to_value(&rotated)
+                        .expect("serializes")
+                        .as_object()
+                        .cloned()
+                        .unwrap_or_default(),
+                );
+                json_ok(&body)
+            }
+            Err(message) => upstream_failed(&message),
+        },
+        "revoke" => revoked_answer(profile, None, slot.revoke_all().await),
+        "revoke-principal" => {
+            if slot.provider().kind() != crate::provider::ProviderKind::Coreweave {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    "not_supported",
+                    &format!(
+                        "profile {profile} uses {}, which has no call that revokes a principal's keys; only coreweave does. keybroker revoke {profile} revokes the keys keybroker minted",
+                        slot.provider().kind()
+                    ),
+                );
+            }
+            let principal = match read_principal(req).await {
+                Ok(p) => p,
+                Err(message) => {
+                    return error_response(StatusCode::BAD_REQUEST, "bad_request", &message)
+                }
+            };
+            tracing::warn!(profile, principal = %principal, "an operator is revoking every key of a principal");
+            let call =
+                tokio::time::timeout(ADMIN_WAIT, slot.provider().revoke_principal(&principal))
+                    .await;
+            match call {
+                Ok(Ok(())) => {
+                    tracing::warn!(profile, principal = %principal, "revoked every key of the principal");
+                    // Its keys may be among them: drop and hold them too, until a rotate.
+                    revoked_answer(profile, Some(&principal), slot.revoke_all().await)
+                }
+                Ok(Err(e)) => upstream_failed(&format!(
+                    "revoking the keys of principal {principal} failed: {e}"
+                )),
+                Err(_) => upstream_failed(&format!(
+                    "the CoreWeave API did not answer within {}s; the keys of principal {principal} may or may not be revoked: run the command again",
+                    ADMIN_WAIT.as_secs()
+                )),
+            }
+        }
+        _ => error_response(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no admin call {action:?}; there are rotate, revoke and revoke-principal"),
+        ),
+    }
+}
+
+/// The `{"principal": "..."}` of a revoke-principal call.
+async fn read_principal(req: Request<Incoming>) -> Result<String, String> {
+    use http_body_util::BodyExt;
+    let body = http_body_util::Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| format!("reading the request body: {e}"))?
+        .to_bytes();
+    let value: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| format!("the body must be JSON {{\"principal\": \"...\"}}: {e}"))?;
+    match value["principal"].as_str().map(str::trim) {
+        Some(p) if !p.is_empty() => Ok(p.to_string()),
+        _ => Err("the body must name the principal: {\"principal\": \"coreweave/...\"}".into()),
+    }
+}
+
+/// The answer to a revoke: 200 when every key is gone, else 502 naming the ones that are not.
+fn revoked_answer(
+    profile: &str,
+    principal: Option<&str>,
+    outcome: crate::broker::RevokedKeys,
+) -> Response<Body> {
+    if outcome.failed.is_empty() {
+        let mut body = serde_json::json!({ "profile": profile, "revoked": outcome.revoked });
+        if let Some(p) = principal {
+            body["principal"] = p.into();
+        }
+        return json_ok(&body);
+    }
+    let failed: Vec<String> = outcome
+        .failed
+        .iter()
+        .map(|(id, why)| format!("{id} ({why})"))
+        .collect();
+    error_response(
+        StatusCode::BAD_GATEWAY,
+        "revoke_failed",
+        &format!(
+            "profile {profile}: revoked {} key(s); could not revoke {}; keybroker keeps retrying in the background, and the profile serves no key until keybroker rotate {profile}",
+            outcome.revoked.len(),
+            failed.join(", ")
+        ),
+    )
+}
+
+fn json_ok(body: &serde_json::Value) -> Response<Body> {
+    json_response(StatusCode::OK, Bytes::from(body.to_string() + "\n"))
 }
 
 fn forbidden(peer: Peer, why: &str) -> Response<Body> {
@@ -221,6 +386,27 @@ async fn credentials(app: &App, peer: Peer, profile: &str) -> Response<Body> {
             resp
         }
     }
+}
+
+fn metrics_body(app: &App) -> String {
+    let slots: Vec<_> = app
+        .broker
+        .profiles()
+        .into_iter()
+        .filter_map(|name| app.broker.slot(&name).map(|slot| (name, slot)))
+        .collect();
+    let statuses: Vec<_> = slots.iter().map(|(_, slot)| slot.status()).collect();
+    let samples: Vec<_> = slots
+        .iter()
+        .zip(&statuses)
+        .map(|((name, slot), status)| crate::metrics::ProfileSample {
+            profile: name,
+            provider: slot.provider().kind(),
+            status,
+            upstream: slot.upstream(),
+        })
+        .collect();
+    crate::metrics::render(&samples, &app.requests, app.broker.ledger_backlog())
 }
 
 fn status_body(app: &App) -> Bytes {
@@ -274,17 +460,23 @@ pub async fn serve(listener: Listener, app: Arc<App>, stop: CancellationToken, d
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let app = Arc::clone(&app);
             async move {
+                let head = req.method() == Method::HEAD;
                 let mut resp = match (route, &app.container) {
-                    (Route::Socket(peer), _) => handle(&app, peer, &req).await,
+                    (Route::Socket(peer), _) => {
+                        if tracing::enabled!(tracing::Level::DEBUG) {
+                            tracing::debug!(method = %req.method(), path = req.uri().path(), ?route, "request");
+                        }
+                        handle(&app, peer, req).await
+                    }
                     (Route::Container, Some(tokens)) => container::handle(&app, tokens, &req).await,
                     (Route::Container, None) => {
                         unreachable!("the container listener exists only with its tokens")
                     }
                 };
-                if req.method() == Method::HEAD {
+                if head {
                     *resp.body_mut() = Full::new(Bytes::new());
                 }
-                tracing::debug!(method = %req.method(), path = req.uri().path(), status = resp.status().as_u16(), ?route, "request");
+                app.requests.record(resp.status().as_u16());
                 Ok::<_, Infallible>(resp)
             }
         });

@@ -39,6 +39,9 @@ const CRUSOE_LIMIT: usize = 2;
 pub const GLESYS_PROJECT: &str = "CL12345";
 pub const GLESYS_INSTANCE: &str = "os-ab123";
 
+/// The principal of every key the fake's CoreWeave token mints.
+pub const COREWEAVE_PRINCIPAL: &str = "coreweave/fake-token-id";
+
 /// A key the fake minted (or was given as a third party's).
 #[derive(Clone, Debug)]
 pub struct FakeKey {
@@ -552,7 +555,7 @@ impl FakeCloud {
                 reply(
                     StatusCode::OK,
                     json!({
-                        "accessKeyId": key.id, "secretKey": key.secret, "principalName": "coreweave/fake-token-id",
+                        "accessKeyId": key.id, "secretKey": key.secret, "principalName": COREWEAVE_PRINCIPAL,
                         "expiry": expiry, "attributes": body["attributes"],
                     }),
                 )
@@ -565,6 +568,22 @@ impl FakeCloud {
                     true => reply(StatusCode::OK, json!({})),
                     false => err(StatusCode::NOT_FOUND, 5, "access key not found"),
                 }
+            }
+            (&Method::POST, "/v1/cwobject/revoke-access-key/principal") => {
+                self.count("revoke_principal");
+                if body["principalName"].as_str() != Some(COREWEAVE_PRINCIPAL) {
+                    return err(StatusCode::NOT_FOUND, 5, "principal not found");
+                }
+                let ids: Vec<String> = self
+                    .live_of("coreweave")
+                    .into_iter()
+                    .filter(|k| !k.foreign)
+                    .map(|k| k.id)
+                    .collect();
+                for id in ids {
+                    self.revoke("coreweave", &id).await;
+                }
+                reply(StatusCode::OK, json!({}))
             }
             (&Method::GET, "/v1/cwobject/access-key") => {
                 self.count("list");

@@ -112,7 +112,7 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    fn wait_ready(&mut self) {
+    pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(a) = keybroker::client::get(&self.socket, "/healthz", Duration::from_secs(1))

@@ -7,5 +7,6 @@ mod e2e;
 mod fake_cloud;
 mod harness;
 mod moto;
+mod operator;
 mod recovery;
 mod systemd;

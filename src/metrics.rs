@@ -1,0 +1,446 @@
+//! `GET /metrics`: Prometheus text exposition format 0.0.4.
+//!
+//! Counters live where the events happen (a slot's [`crate::broker::Slot::counters`], the
+//! upstream call timings of [`Timed`], the server's [`Requests`], the ledger's open leases) and
+//! are read when a scrape comes; nothing is kept here between scrapes. Labels are the profile
+//! and provider names only (config-bound, so the series count stays small), never a key id.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use crate::provider::{KeyHandle, ListedKey, MintedKey, Provider, ProviderError, ProviderKind};
+
+/// Upper bounds (seconds) of the upstream latency histogram: provider calls take tens of
+/// milliseconds to seconds, and time out at 10 s.
+pub const LATENCY_BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The provider calls that are timed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation {
+    /// Create a key.
+    Mint,
+    /// Revoke a key.
+    Revoke,
+    /// List the account's keys.
+    List,
+    /// Revoke every key of a principal (CoreWeave).
+    RevokePrincipal,
+}
+
+impl Operation {
+    const ALL: [Operation; 4] = [
+        Operation::Mint,
+        Operation::Revoke,
+        Operation::List,
+        Operation::RevokePrincipal,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Operation::Mint => "mint",
+            Operation::Revoke => "revoke",
+            Operation::List => "list",
+            Operation::RevokePrincipal => "revoke_principal",
+        }
+    }
+}
+
+/// A latency histogram with the fixed [`LATENCY_BUCKETS`], plus a count of failed calls.
+#[derive(Debug, Default)]
+struct Histogram {
+    /// Per bucket, calls that took at most its bound and more than the previous one; the last
+    /// slot holds the calls slower than every bound.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, took: Duration, ok: bool) {
+        let secs = took.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Upstream call timings of one profile, per operation.
+#[derive(Debug, Default)]
+pub struct UpstreamStats {
+    ops: [Histogram; 4],
+}
+
+impl UpstreamStats {
+    fn op(&self, op: Operation) -> &Histogram {
+        &self.ops[Operation::ALL
+            .iter()
+            .position(|&o| o == op)
+            .expect("every operation has a histogram")]
+    }
+}
+
+/// A provider whose every call is timed into an [`UpstreamStats`].
+pub struct Timed {
+    inner: Arc<dyn Provider>,
+    stats: Arc<UpstreamStats>,
+}
+
+impl Timed {
+    /// Wraps `inner`; its calls are recorded in `stats`.
+    pub fn new(inner: Arc<dyn Provider>, stats: Arc<UpstreamStats>) -> Self {
+        Timed { inner, stats }
+    }
+
+    async fn time<T>(
+        &self,
+        op: Operation,
+        call: impl std::future::Future<Output = Result<T, ProviderError>>,
+    ) -> Result<T, ProviderError> {
+        let start = Instant::now();
+        let result = call.await;
+        self.stats.op(op).observe(start.elapsed(), result.is_ok());
+        result
+    }
+}
+
+#[async_trait]
+impl Provider for Timed {
+    fn kind(&self) -> ProviderKind {
+        self.inner.kind()
+    }
+
+    fn key_limit(&self) -> Option<usize> {
+        self.inner.key_limit()
+    }
+
+    async fn list_keys(&self) -> Result<Vec<ListedKey>, ProviderError> {
+        self.time(Operation::List, self.inner.list_keys()).await
+    }
+
+    async fn mint(&self, tag: &str, lifetime: Duration) -> Result<MintedKey, ProviderError> {
+        self.time(Operation::Mint, self.inner.mint(tag, lifetime))
+            .await
+    }
+
+    async fn revoke(&self, key: &KeyHandle) -> Result<(), ProviderError> {
+        self.time(Operation::Revoke, self.inner.revoke(key)).await
+    }
+
+    async fn revoke_principal(&self, principal: &str) -> Result<(), ProviderError> {
+        self.time(
+            Operation::RevokePrincipal,
+            self.inner.revoke_principal(principal),
+        )
+        .await
+    }
+}
+
+/// HTTP answers the server gave, by status code.
+#[derive(Debug, Default)]
+pub struct Requests {
+    counts: [AtomicU64; Requests::CODES.len() + 1],
+}
+
+impl Requests {
+    /// The codes the server sends; anything else is counted as `other`.
+    const CODES: [u16; 10] = [200, 400, 401, 403, 404, 405, 409, 500, 502, 503];
+
+    /// Counts one answer.
+    pub fn record(&self, status: u16) {
+        let i = Self::CODES
+            .iter()
+            .position(|&c| c == status)
+            .unwrap_or(Self::CODES.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What one profile contributes to a scrape.
+#[derive(Debug)]
+pub struct ProfileSample<'a> {
+    /// Profile name.
+    pub profile: &'a str,
+    /// Provider name.
+    pub provider: ProviderKind,
+    /// Its status (counters, state, remaining time).
+    pub status: &'a crate::broker::SlotStatus,
+    /// Its upstream call timings.
+    pub upstream: &'a UpstreamStats,
+}
+
+/// Every state a profile can be in, for the one-hot `keybroker_profile_state` gauge.
+pub const STATES: [&str; 8] = [
+    "cold",
+    "minting",
+    "ready",
+    "renewing",
+    "degraded",
+    "unavailable",
+    "revoked",
+    "stopped",
+];
+
+/// Renders a scrape.
+pub fn render(
+    profiles: &[ProfileSample<'_>],
+    requests: &Requests,
+    ledger_backlog: Option<usize>,
+) -> String {
+    let mut out = String::with_capacity(4096);
+    let labels = |p: &ProfileSample<'_>| {
+        format!(
+            "profile=\"{}\",provider=\"{}\"",
+            escape(p.profile),
+            p.provider
+        )
+    };
+    type Pick = fn(&crate::broker::SlotStatus) -> u64;
+    let counters: [(&str, &str, Pick); 6] = [
+        (
+            "keybroker_mints_total",
+            "Keys minted (first keys, renewals and rotations).",
+            |s| s.counters.mints,
+        ),
+        (
+            "keybroker_renewals_total",
+            "Mints that replaced a current key.",
+            |s| s.counters.renewals,
+        ),
+        ("keybroker_revokes_total", "Keys revoked.", |s| {
+            s.counters.revokes
+        }),
+        (
+            "keybroker_mint_failures_total",
+            "Mint attempts that failed.",
+            |s| s.counters.mint_failures,
+        ),
+        (
+            "keybroker_revoke_failures_total",
+            "Revoke attempts that failed.",
+            |s| s.counters.revoke_failures,
+        ),
+        (
+            "keybroker_degraded_serves_total",
+            "Requests answered with a key that has less than min_remaining left.",
+            |s| s.counters.degraded_serves,
+        ),
+    ];
+    for (name, help, pick) in counters {
+        header(&mut out, name, help, "counter");
+        for p in profiles {
+            let _ = writeln!(out, "{name}{{{}}} {}", labels(p), pick(p.status));
+        }
+    }
+
+    header(
+        &mut out,
+        "keybroker_key_remaining_seconds",
+        "Seconds until the served key of the profile expires; 0 when it has none.",
+        "gauge",
+    );
+    for p in profiles {
+        let left = p.status.expires_in_seconds.unwrap_or(0).max(0);
+        let _ = writeln!(
+            out,
+            "keybroker_key_remaining_seconds{{{}}} {left}",
+            labels(p)
+        );
+    }
+    header(
+        &mut out,
+        "keybroker_retired_keys",
+        "Replaced keys still valid, awaiting revocation at their expiry.",
+        "gauge",
+    );
+    for p in profiles {
+        let _ = writeln!(
+            out,
+            "keybroker_retired_keys{{{}}} {}",
+            labels(p),
+            p.status.retired_keys
+        );
+    }
+    header(
+        &mut out,
+        "keybroker_profile_state",
+        "1 for the state the profile is in, 0 for the others.",
+        "gauge",
+    );
+    for p in profiles {
+        for state in STATES {
+            let _ = writeln!(
+                out,
+                "keybroker_profile_state{{{},state=\"{state}\"}} {}",
+                labels(p),
+                u8::from(p.status.state == state)
+            );
+        }
+    }
+
+    let name = "keybroker_upstream_request_duration_seconds";
+    header(
+        &mut out,
+        name,
+        "Provider API calls by operation, successful or not.",
+        "histogram",
+    );
+    for p in profiles {
+        for op in Operation::ALL {
+            let h = p.upstream.op(op);
+            let l = format!("{},operation=\"{}\"", labels(p), op.as_str());
+            let mut cumulative = 0;
+            for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+                cumulative += h.buckets[i].load(Ordering::Relaxed);
+                let _ = writeln!(out, "{name}_bucket{{{l},le=\"{bound}\"}} {cumulative}");
+            }
+            cumulative += h.buckets[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{l},le=\"+Inf\"}} {cumulative}");
+            let sum = h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+            let _ = writeln!(out, "{name}_sum{{{l}}} {sum}");
+            let _ = writeln!(out, "{name}_count{{{l}}} {cumulative}");
+        }
+    }
+    header(
+        &mut out,
+        "keybroker_upstream_errors_total",
+        "Provider API calls that failed, by operation.",
+        "counter",
+    );
+    for p in profiles {
+        for op in Operation::ALL {
+            let _ = writeln!(
+                out,
+                "keybroker_upstream_errors_total{{{},operation=\"{}\"}} {}",
+                labels(p),
+                op.as_str(),
+                p.upstream.op(op).errors.load(Ordering::Relaxed)
+            );
+        }
+    }
+
+    header(
+        &mut out,
+        "keybroker_http_responses_total",
+        "Answers on the socket and the container endpoint, by HTTP status.",
+        "counter",
+    );
+    for (i, count) in requests.counts.iter().enumerate() {
+        let code = Requests::CODES
+            .get(i)
+            .map_or("other".to_string(), u16::to_string);
+        let _ = writeln!(
+            out,
+            "keybroker_http_responses_total{{code=\"{code}\"}} {}",
+            count.load(Ordering::Relaxed)
+        );
+    }
+    if let Some(backlog) = ledger_backlog {
+        header(
+            &mut out,
+            "keybroker_ledger_backlog",
+            "Leases in the ledger not yet closed by a revocation: keys alive, and creates whose outcome is not known yet. A restart revokes them all.",
+            "gauge",
+        );
+        let _ = writeln!(out, "keybroker_ledger_backlog {backlog}");
+    }
+    out
+}
+
+fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// A label value with `\`, `"` and newlines escaped (profile names are restricted by config
+/// validation already; this keeps the format valid whatever they become).
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_errors_counted() {
+        let stats = UpstreamStats::default();
+        let h = stats.op(Operation::Mint);
+        h.observe(Duration::from_millis(3), true);
+        h.observe(Duration::from_millis(30), true);
+        h.observe(Duration::from_secs(30), false);
+        let status = crate::broker::SlotStatus::example("ready");
+        let out = render(
+            &[ProfileSample {
+                profile: "p",
+                provider: ProviderKind::Dev,
+                status: &status,
+                upstream: &stats,
+            }],
+            &Requests::default(),
+            Some(2),
+        );
+        let line = |s: &str| out.lines().any(|l| l == s);
+        let l = "profile=\"p\",provider=\"dev\",operation=\"mint\"";
+        assert!(
+            line(&format!(
+                "keybroker_upstream_request_duration_seconds_bucket{{{l},le=\"0.005\"}} 1"
+            )),
+            "{out}"
+        );
+        assert!(
+            line(&format!(
+                "keybroker_upstream_request_duration_seconds_bucket{{{l},le=\"0.05\"}} 2"
+            )),
+            "{out}"
+        );
+        assert!(
+            line(&format!(
+                "keybroker_upstream_request_duration_seconds_bucket{{{l},le=\"10\"}} 2"
+            )),
+            "{out}"
+        );
+        assert!(
+            line(&format!(
+                "keybroker_upstream_request_duration_seconds_bucket{{{l},le=\"+Inf\"}} 3"
+            )),
+            "{out}"
+        );
+        assert!(
+            line(&format!(
+                "keybroker_upstream_request_duration_seconds_count{{{l}}} 3"
+            )),
+            "{out}"
+        );
+        assert!(
+            line(&format!("keybroker_upstream_errors_total{{{l}}} 1")),
+            "{out}"
+        );
+        assert!(line("keybroker_ledger_backlog 2"), "{out}");
+        assert!(
+            line("keybroker_profile_state{profile=\"p\",provider=\"dev\",state=\"ready\"} 1"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}
