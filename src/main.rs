@@ -9,6 +9,9 @@ use clap::Parser;
 use keybroker::cli::{Cli, Command};
 use keybroker::{client, config, daemon, logging};
 
+/// The most runtime worker threads the daemon starts (see `serve`).
+const MAX_WORKERS: usize = 4;
+
 /// Bad usage or configuration (sysexits EX_USAGE).
 const EXIT_USAGE: u8 = 64;
 
@@ -213,10 +216,15 @@ fn serve(
         Err(e) => return fail(&format!("socket passed by systemd: {e}")),
     };
     let socket = config::resolve_socket(None, config.server.socket.as_deref());
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // Serving pre-rendered bytes needs few threads: without a cap, a 128-core GPU node would
+    // get 128 workers, and their stacks, for a few requests a second. TOKIO_WORKER_THREADS
+    // still overrides.
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        builder.worker_threads(cores.clamp(1, MAX_WORKERS));
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
     };
