@@ -33,9 +33,10 @@ impl Answer {
     }
 }
 
-/// How long an admin command waits for the daemon: its own wait for the provider
-/// (`server::ADMIN_WAIT`, 30 s) and a margin.
-pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(40);
+/// How long an admin command waits for the daemon: its own waits for the provider (a
+/// principal's revocation, then the profile's keys: `server::ADMIN_WAIT`, 30 s, each) and a
+/// margin.
+pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(75);
 
 /// Sends `GET path` to the daemon at `socket` and reads the answer, all within `timeout`.
 /// Errors are one line saying what failed and what to do.
@@ -78,24 +79,26 @@ pub fn request(
         .set_write_timeout(remaining())
         .map_err(|e| e.to_string())?;
     let mut request =
-        format!("{method} {path} HTTP/1.1\r\nHost: keybroker\r\nConnection: close\r\n");
+        format!("{method} {path} HTTP/1.1\r\nHost: keybroker\r\nConnection: close\r\n")
+            .into_bytes();
     match body {
         Some(body) => {
-            request.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            ));
-            request.push_str(&String::from_utf8_lossy(body));
+            request.extend_from_slice(
+                format!(
+                    "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+            request.extend_from_slice(body);
         }
-        None if method == "POST" => request.push_str("Content-Length: 0\r\n\r\n"),
-        None => request.push_str("\r\n"),
+        None if method == "POST" => request.extend_from_slice(b"Content-Length: 0\r\n\r\n"),
+        None => request.extend_from_slice(b"\r\n"),
     }
-    stream
-        .write_all(request.as_bytes())
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => timed_out(),
-            _ => format!("sending to the keybroker daemon at {shown}: {e}"),
-        })?;
+    stream.write_all(&request).map_err(|e| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => timed_out(),
+        _ => format!("sending to the keybroker daemon at {shown}: {e}"),
+    })?;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     loop {
@@ -167,8 +170,22 @@ fn parse(buf: &[u8]) -> Result<Option<Answer>, String> {
     }))
 }
 
+/// Refuses a profile name that no config can hold (`[A-Za-z0-9_.-]`, DESIGN.md §3) before it
+/// goes into a request line.
+fn check_profile(profile: &str) -> Result<(), String> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+    if !profile.is_empty() && profile.chars().all(ok) {
+        Ok(())
+    } else {
+        Err(format!(
+            "no profile can be named {profile:?}: profile names are letters, digits, '_', '.' and '-'"
+        ))
+    }
+}
+
 /// The credential_process JSON for `profile`, or the one line to print on stderr.
 pub fn credential_process(socket: &Path, profile: &str) -> Result<Vec<u8>, String> {
+    check_profile(profile)?;
     let answer = get(
         socket,
         &format!("/v1/credentials/{profile}"),
@@ -200,6 +217,7 @@ pub enum AdminCall {
 
 /// Runs `call` on `profile` and returns what to print, or the one line for stderr.
 pub fn admin(socket: &Path, profile: &str, call: &AdminCall) -> Result<String, String> {
+    check_profile(profile)?;
     let (action, body) = match call {
         AdminCall::Rotate => ("rotate", None),
         AdminCall::Revoke => ("revoke", None),
@@ -397,6 +415,15 @@ mod tests {
             "{table}"
         );
         assert_eq!(table.lines().count(), 4, "{table}");
+    }
+
+    #[test]
+    fn profile_names_that_would_break_the_request_line_are_refused() {
+        assert!(check_profile("train-1.a_b").is_ok());
+        for bad in ["", "a b", "a?b", "a\r\nX-Evil: 1", "a/../status", "ü"] {
+            let e = check_profile(bad).unwrap_err();
+            assert!(e.starts_with("no profile can be named"), "{e}");
+        }
     }
 
     #[test]

@@ -121,6 +121,8 @@ struct Retired {
     key: Arc<ReadyKey>,
     revoke_at: OffsetDateTime,
     failures: u32,
+    /// Why the last revoke attempt failed.
+    last_error: Option<String>,
 }
 
 #[derive(Debug)]
@@ -140,8 +142,18 @@ struct State {
     /// An operator revoked every key (`keybroker revoke`) at this time: no mint, and requests
     /// get 503, until `keybroker rotate`.
     held: Option<OffsetDateTime>,
-    /// An operator asked for a new key now (`keybroker rotate`); cleared when its mint starts.
-    rotate: bool,
+    /// Rotations asked for (`keybroker rotate`), numbered from 1.
+    rotations_asked: u64,
+    /// The number of the last rotation whose mint has started: one is pending while
+    /// `rotations_asked` is ahead of it.
+    rotations_started: u64,
+    /// The rotation whose mint is in flight.
+    rotating: Option<u64>,
+    /// The last rotation mint's number and outcome.
+    rotated: Option<(u64, Result<Rotated, String>)>,
+    /// Revoke passes of the driver started so far; `revoke_all` waits for one that started
+    /// after it.
+    revoke_passes: u64,
 }
 
 /// A profile's key slot.
@@ -155,6 +167,8 @@ pub struct Slot {
     wake: Notify,
     /// Bumped after every finished attempt; requests waiting on a mint watch it.
     attempts: watch::Sender<u64>,
+    /// The number of the last finished revoke pass of the driver.
+    passes: watch::Sender<u64>,
     rng: Mutex<SmallRng>,
     /// Status counters.
     pub counters: Counters,
@@ -316,6 +330,7 @@ impl Slot {
                     container_json: Bytes::new(),
                 }),
                 failures: 0,
+                last_error: None,
             })
             .collect();
         Slot {
@@ -335,10 +350,15 @@ impl Slot {
                 in_flight: false,
                 stopping: false,
                 held: None,
-                rotate: false,
+                rotations_asked: 0,
+                rotations_started: 0,
+                rotating: None,
+                rotated: None,
+                revoke_passes: 0,
             }),
             wake: Notify::new(),
             attempts: watch::channel(0).0,
+            passes: watch::channel(0).0,
             rng: Mutex::new(rng),
             counters: Counters::default(),
             mint_wait,
@@ -576,24 +596,28 @@ impl Slot {
                 key: Arc::clone(key),
                 revoke_at: key.expires_at,
                 failures: 0,
+                last_error: None,
             });
             self.current.store(None);
             st.renew_at = None;
         }
         let next_revoke = st.retired.iter().map(|r| r.revoke_at).min();
+        let rotate = st.rotations_asked > st.rotations_started;
         let due = match (&*self.current.load(), st.renew_at) {
             _ if st.held.is_some() => false,
-            _ if st.rotate => true,
+            _ if rotate => true,
             (None, _) => st.active,
             (Some(_), Some(renew_at)) => now >= renew_at,
             (Some(_), None) => true,
         };
         let wanted_now = st.active && self.ready().is_none();
-        let allowed =
-            st.rotate || now >= st.next_attempt || (wanted_now && now >= st.request_floor);
+        let allowed = rotate || now >= st.next_attempt || (wanted_now && now >= st.request_floor);
         if due && allowed {
             st.in_flight = true;
-            st.rotate = false;
+            if rotate {
+                st.rotations_started = st.rotations_asked;
+                st.rotating = Some(st.rotations_started);
+            }
             return (true, None);
         }
         let next_mint = if due {
@@ -880,6 +904,7 @@ impl Slot {
                     revoke_at: now,
                     key: Arc::new(ReadyKey::new(key, tag.clone(), lease.clone())),
                     failures: 0,
+                    last_error: None,
                 });
                 e
             })
@@ -892,10 +917,20 @@ impl Slot {
                 // An operator revoked the profile's keys while this mint was in flight: the new
                 // key is not served, only revoked.
                 tracing::info!(profile = %self.name, key_id = %key.access_key_id, "minted while the profile's keys were being revoked; revoking it too");
+                if let Some(n) = st.rotating.take() {
+                    st.rotated = Some((
+                        n,
+                        Err(format!(
+                            "profile {}: an operator revoked its keys while the rotation's mint was in flight",
+                            self.name
+                        )),
+                    ));
+                }
                 st.retired.push(Retired {
                     key: Arc::new(ReadyKey::new(key, tag, lease)),
                     revoke_at: now,
                     failures: 0,
+                    last_error: None,
                 });
                 // The driver revokes it on its next pass, which follows this attempt.
             }
@@ -909,12 +944,23 @@ impl Slot {
                 st.request_floor = now;
                 let old = self.current.swap(Some(Arc::clone(&ready)));
                 self.counters.mints.fetch_add(1, Ordering::Relaxed);
+                if let Some(n) = st.rotating.take() {
+                    st.rotated = Some((
+                        n,
+                        Ok(Rotated {
+                            key_id: ready.handle.access_key_id.clone(),
+                            expires_at: format_expiration(ready.expires_at),
+                            retired: old.as_ref().map(|o| o.handle.access_key_id.clone()),
+                        }),
+                    ));
+                }
                 if let Some(old) = &old {
                     self.counters.renewals.fetch_add(1, Ordering::Relaxed);
                     st.retired.push(Retired {
                         key: Arc::clone(old),
                         revoke_at: old.expires_at,
                         failures: 0,
+                        last_error: None,
                     });
                 }
                 tracing::info!(
@@ -943,6 +989,15 @@ impl Slot {
                     retry_in_seconds = delay.as_secs_f64(),
                     "mint failed"
                 );
+                if let Some(n) = st.rotating.take() {
+                    st.rotated = Some((
+                        n,
+                        Err(format!(
+                            "profile {}: minting the new key failed: the {kind} API failed: {e}",
+                            self.name
+                        )),
+                    ));
+                }
                 st.last_error = Some((e, now));
             }
         }
@@ -953,14 +1008,26 @@ impl Slot {
     /// Revokes retired keys whose time has come; failures are retried with backoff. A revoke
     /// still pending when `cancel` fires hands its key back to the slot, where stop finds it.
     async fn revoke_due(&self, now: OffsetDateTime, cancel: &CancellationToken) {
-        let due: Vec<Retired> = {
+        let (due, pass): (Vec<Retired>, u64) = {
             let mut st = self.lock();
+            // Read under the lock that numbers the pass: a pass numbered after a `revoke_all`
+            // sees the keys that call made due.
+            let now = self.clock.now().max(now);
+            st.revoke_passes += 1;
             let (due, keep) = std::mem::take(&mut st.retired)
                 .into_iter()
                 .partition(|r| r.revoke_at <= now);
             st.retired = keep;
-            due
+            (due, st.revoke_passes)
         };
+        // Tells `revoke_all` when this pass is over, however it ends.
+        struct PassDone<'a>(&'a watch::Sender<u64>, u64);
+        impl Drop for PassDone<'_> {
+            fn drop(&mut self) {
+                self.0.send_replace(self.1);
+            }
+        }
+        let _done = PassDone(&self.passes, pass);
         let mut due = due.into_iter();
         while let Some(mut r) = due.next() {
             let outcome = tokio::select! {
@@ -980,6 +1047,7 @@ impl Slot {
                 }
                 Err(e) => {
                     r.failures += 1;
+                    r.last_error = Some(e.to_string());
                     self.counters
                         .revoke_failures
                         .fetch_add(1, Ordering::Relaxed);
@@ -994,104 +1062,120 @@ impl Slot {
 
     /// `keybroker rotate`: mints a new key now, whatever the renewal schedule or backoff say,
     /// and retires the current one (still valid for clients that fetched it, revoked at its
-    /// expiry). Also lifts a `keybroker revoke` hold. Waits for that mint, at most `wait`.
+    /// expiry). Also lifts a `keybroker revoke` hold. Waits at most `wait` for the outcome of
+    /// that mint (or of a later rotation's, when several are asked for at once).
     pub async fn rotate(&self, wait: Duration) -> Result<Rotated, String> {
         let mut attempts = self.attempts.subscribe();
-        let before = self
-            .current
-            .load()
-            .as_ref()
-            .map(|k| k.handle.access_key_id.clone());
-        {
+        let want = {
             let mut st = self.lock();
             if st.stopping {
                 return Err(format!("profile {} is stopping", self.name));
             }
             st.held = None;
             st.active = true;
-            st.rotate = true;
-        }
+            st.rotations_asked += 1;
+            st.rotations_asked
+        };
         self.wake.notify_one();
         tracing::info!(profile = %self.name, "rotation requested by an operator");
-        let finished = tokio::time::timeout(wait, async {
+        let outcome = tokio::time::timeout(wait, async {
             loop {
-                if attempts.changed().await.is_err() {
-                    return;
+                {
+                    let st = self.lock();
+                    match &st.rotated {
+                        Some((n, outcome)) if *n >= want => return outcome.clone(),
+                        _ if st.stopping => {
+                            return Err(format!("profile {} is stopping", self.name))
+                        }
+                        _ => {}
+                    }
                 }
-                let st = self.lock();
-                if (!st.rotate && !st.in_flight) || st.stopping {
-                    return;
+                if attempts.changed().await.is_err() {
+                    return Err(format!("profile {} is stopping", self.name));
                 }
             }
         })
         .await;
-        if finished.is_err() {
-            return Err(format!(
+        outcome.unwrap_or_else(|_| {
+            Err(format!(
                 "profile {}: the new key's mint did not finish within {}s; it goes on in the background (keybroker status shows it)",
                 self.name,
                 wait.as_secs()
-            ));
-        }
-        let st = self.lock();
-        match self.current.load().as_ref() {
-            Some(k) if Some(&k.handle.access_key_id) != before.as_ref() => Ok(Rotated {
-                key_id: k.handle.access_key_id.clone(),
-                expires_at: format_expiration(k.expires_at),
-                retired: before,
-            }),
-            _ => Err(match &st.last_error {
-                Some((e, _)) => format!(
-                    "profile {}: minting the new key failed: the {} API failed: {e}",
-                    self.name,
-                    self.provider.kind()
-                ),
-                None => format!("profile {}: no new key was minted", self.name),
-            }),
-        }
+            ))
+        })
     }
 
     /// `keybroker revoke`: revokes every key of the profile now, current and retired, and holds
-    /// it: no new key and 503 for requests until [`Slot::rotate`]. A key whose revocation fails
-    /// stays with the driver, which retries it with backoff.
-    pub async fn revoke_all(&self) -> RevokedKeys {
-        let keys = {
+    /// it: no new key and 503 for requests until [`Slot::rotate`]. The keys stay in the slot,
+    /// due now, and the driver revokes them: nothing is lost if this call is abandoned or the
+    /// daemon stops meanwhile. Waits at most `wait` for the driver's pass, then reports every
+    /// key of the profile still alive (a failed revoke is retried with backoff), and creates
+    /// whose answer was lost that could not be settled.
+    pub async fn revoke_all(&self, wait: Duration) -> RevokedKeys {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut passes = self.passes.subscribe();
+        let (targets, want) = {
             let mut st = self.lock();
-            st.held = Some(self.clock.now());
+            let now = self.clock.now();
+            st.held = Some(now);
             st.active = false;
-            st.rotate = false;
+            st.rotations_started = st.rotations_asked;
             st.renew_at = None;
-            let mut keys: Vec<Arc<ReadyKey>> = st.retired.drain(..).map(|r| r.key).collect();
-            keys.extend(self.current.swap(None));
-            keys
+            if let Some(key) = self.current.swap(None) {
+                st.retired.push(Retired {
+                    key,
+                    revoke_at: now,
+                    failures: 0,
+                    last_error: None,
+                });
+            }
+            for r in &mut st.retired {
+                r.revoke_at = now;
+            }
+            let targets: Vec<String> = st
+                .retired
+                .iter()
+                .map(|r| r.key.handle.access_key_id.clone())
+                .collect();
+            (targets, st.revoke_passes + 1)
         };
-        tracing::warn!(profile = %self.name, keys = keys.len(), "an operator revoked every key of the profile; requests get 503 until keybroker rotate");
-        let mut outcome = RevokedKeys::default();
-        for key in keys {
-            let id = key.handle.access_key_id.clone();
-            match self.provider.revoke(&key.handle).await {
-                Ok(()) => {
-                    self.counters.revokes.fetch_add(1, Ordering::Relaxed);
-                    self.journal_revoked(&key.lease);
-                    tracing::info!(profile = %self.name, key_id = %id, "revoked key on an operator's request");
-                    outcome.revoked.push(id);
-                }
-                Err(e) => {
-                    self.counters
-                        .revoke_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(profile = %self.name, key_id = %id, error = %e, "revoke failed; retrying in the background");
-                    let delay = backoff(1, self.jitter(), e.retry_floor());
-                    self.lock().retired.push(Retired {
-                        key,
-                        revoke_at: self.clock.now() + delay,
-                        failures: 1,
-                    });
-                    outcome.failed.push((id, e.to_string()));
+        tracing::warn!(profile = %self.name, keys = targets.len(), "an operator revoked every key of the profile; requests get 503 until keybroker rotate");
+        self.wake.notify_one();
+        let pass_done = tokio::time::timeout_at(deadline, async {
+            while *passes.borrow_and_update() < want {
+                if passes.changed().await.is_err() {
+                    return;
                 }
             }
+        })
+        .await
+        .is_ok();
+        let has_pending = !self.pending.lock().expect("pending lock").is_empty();
+        if has_pending {
+            let _ = tokio::time::timeout_at(deadline, self.resolve_pending()).await;
         }
-        self.wake.notify_one();
-        self.attempts.send_modify(|n| *n += 1);
+        let mut outcome = RevokedKeys::default();
+        for r in &self.lock().retired {
+            let why = match &r.last_error {
+                Some(e) => format!("{e}; retrying"),
+                None if pass_done => "not revoked yet; under way".to_string(),
+                None => format!("not revoked within {}s; under way", wait.as_secs()),
+            };
+            outcome
+                .failed
+                .push((r.key.handle.access_key_id.clone(), why));
+        }
+        for id in targets {
+            if !outcome.failed.iter().any(|(f, _)| *f == id) {
+                outcome.revoked.push(id);
+            }
+        }
+        for p in self.pending.lock().expect("pending lock").iter() {
+            outcome.failed.push((
+                format!("the key tagged {}", p.tag),
+                "a create whose answer was lost; not found in the provider's listing yet, looked for again at stop and at the next start".into(),
+            ));
+        }
         outcome
     }
 

@@ -248,7 +248,7 @@ async fn admin(app: &App, peer: Peer, action: &str, req: Request<Incoming>) -> R
             }
             Err(message) => upstream_failed(&message),
         },
-        "revoke" => revoked_answer(profile, None, slot.revoke_all().await),
+        "revoke" => revoked_answer(profile, None, slot.revoke_all(ADMIN_WAIT).await),
         "revoke-principal" => {
             if slot.provider().kind() != crate::provider::ProviderKind::Coreweave {
                 return error_response(
@@ -274,7 +274,7 @@ async fn admin(app: &App, peer: Peer, action: &str, req: Request<Incoming>) -> R
                 Ok(Ok(())) => {
                     tracing::warn!(profile, principal = %principal, "revoked every key of the principal");
                     // Its keys may be among them: drop and hold them too, until a rotate.
-                    revoked_answer(profile, Some(&principal), slot.revoke_all().await)
+                    revoked_answer(profile, Some(&principal), slot.revoke_all(ADMIN_WAIT).await)
                 }
                 Ok(Err(e)) => upstream_failed(&format!(
                     "revoking the keys of principal {principal} failed: {e}"

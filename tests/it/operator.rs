@@ -627,3 +627,73 @@ fn completions_and_man_pages_come_from_the_command_line_definition() {
         "{sub}"
     );
 }
+
+/// When the provider fails: a failed rotation says why and leaves the served key alone; a
+/// revoke that fails is reported, stays with the daemon and is retried until it succeeds; a
+/// revoke whose client gives up is carried out all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_calls_under_provider_failures_leave_no_key_behind() {
+    use crate::fake_cloud::Faults;
+    let (env, fake, mut daemon) = setup().await;
+    let old = served(&env, "cw");
+
+    fake.set_faults(Faults {
+        create_status: Some((500, "control plane down".into())),
+        ..Faults::default()
+    });
+    let (code, stdout, stderr) = run(&env, &["rotate", "cw"]);
+    assert_eq!((code, stdout.as_str()), (1, ""));
+    assert!(
+        stderr.contains("rotate cw: profile cw: minting the new key failed")
+            && stderr.contains("control plane down"),
+        "{stderr}"
+    );
+    assert_eq!(served(&env, "cw"), old, "the old key is still served");
+
+    fake.set_faults(Faults {
+        fail_revokes: true,
+        ..Faults::default()
+    });
+    let (code, stdout, stderr) = run(&env, &["revoke", "cw"]);
+    assert_eq!((code, stdout.as_str()), (1, ""));
+    assert!(
+        stderr.contains(&format!("could not revoke {old}"))
+            && stderr.contains("revoke failed (injected); retrying"),
+        "{stderr}"
+    );
+    assert_eq!(live_ids(&fake, "coreweave"), vec![old.clone()]);
+    assert_eq!(
+        run(&env, &["credential-process", "--profile", "cw"]).0,
+        1,
+        "held, even though the key is not revoked yet"
+    );
+    fake.set_faults(Faults::default());
+    wait_until("the failed revoke retried", || {
+        live_ids(&fake, "coreweave").is_empty()
+    })
+    .await;
+
+    // A client that gives up before the (slow) revoke is done: the daemon finishes it.
+    assert_eq!(run(&env, &["rotate", "gl"]).0, 0);
+    fake.set_faults(Faults {
+        revoke_latency: Duration::from_secs(2),
+        ..Faults::default()
+    });
+    let gave_up = tokio::task::block_in_place(|| {
+        keybroker::client::request(
+            &daemon.socket,
+            "POST",
+            "/v1/admin/revoke/gl",
+            None,
+            Duration::from_millis(300),
+        )
+    });
+    assert!(gave_up.unwrap_err().contains("did not answer within"));
+    wait_until("both gl keys revoked after the client left", || {
+        live_ids(&fake, "glesys").is_empty()
+    })
+    .await;
+
+    assert!(daemon.stop(Duration::from_secs(25)).0.success());
+    assert!(fake.live().is_empty(), "{:?}", fake.live());
+}
