@@ -212,70 +212,58 @@ pub fn render(
         )
     };
     type Pick = fn(&crate::broker::SlotStatus) -> u64;
-    let counters: [(&str, &str, Pick); 6] = [
+    let per_profile: [(&str, &str, &str, Pick); 8] = [
         (
             "keybroker_mints_total",
             "Keys minted (first keys, renewals and rotations).",
+            "counter",
             |s| s.counters.mints,
         ),
         (
             "keybroker_renewals_total",
             "Mints that replaced a current key.",
+            "counter",
             |s| s.counters.renewals,
         ),
-        ("keybroker_revokes_total", "Keys revoked.", |s| {
+        ("keybroker_revokes_total", "Keys revoked.", "counter", |s| {
             s.counters.revokes
         }),
         (
             "keybroker_mint_failures_total",
             "Mint attempts that failed.",
+            "counter",
             |s| s.counters.mint_failures,
         ),
         (
             "keybroker_revoke_failures_total",
             "Revoke attempts that failed.",
+            "counter",
             |s| s.counters.revoke_failures,
         ),
         (
             "keybroker_degraded_serves_total",
             "Requests answered with a key that has less than min_remaining left.",
+            "counter",
             |s| s.counters.degraded_serves,
         ),
+        (
+            "keybroker_key_remaining_seconds",
+            "Seconds until the served key of the profile expires; 0 when it has none.",
+            "gauge",
+            |s| s.expires_in_seconds.unwrap_or(0).max(0) as u64,
+        ),
+        (
+            "keybroker_retired_keys",
+            "Replaced keys still valid, awaiting revocation at their expiry.",
+            "gauge",
+            |s| s.retired_keys as u64,
+        ),
     ];
-    for (name, help, pick) in counters {
-        header(&mut out, name, help, "counter");
+    for (name, help, kind, pick) in per_profile {
+        header(&mut out, name, help, kind);
         for p in profiles {
             let _ = writeln!(out, "{name}{{{}}} {}", labels(p), pick(p.status));
         }
-    }
-
-    header(
-        &mut out,
-        "keybroker_key_remaining_seconds",
-        "Seconds until the served key of the profile expires; 0 when it has none.",
-        "gauge",
-    );
-    for p in profiles {
-        let left = p.status.expires_in_seconds.unwrap_or(0).max(0);
-        let _ = writeln!(
-            out,
-            "keybroker_key_remaining_seconds{{{}}} {left}",
-            labels(p)
-        );
-    }
-    header(
-        &mut out,
-        "keybroker_retired_keys",
-        "Replaced keys still valid, awaiting revocation at their expiry.",
-        "gauge",
-    );
-    for p in profiles {
-        let _ = writeln!(
-            out,
-            "keybroker_retired_keys{{{}}} {}",
-            labels(p),
-            p.status.retired_keys
-        );
     }
     header(
         &mut out,
