@@ -19,7 +19,6 @@ use tokio_util::task::TaskTracker;
 pub use policy::{backoff, retry_delay, RenewPolicy, BACKOFF_CAP, DEGRADED_FLOOR, RENEW_JITTER};
 pub use slot::{
     Adopted, ReadyKey, RevokedKeys, Rotated, Slot, SlotContext, SlotStatus, Unavailable,
-    HELD_RETRY_AFTER,
 };
 
 use crate::clock::Clock;
@@ -216,6 +215,15 @@ impl Broker {
     /// Open leases in the ledger, when there is one.
     pub fn ledger_backlog(&self) -> Option<usize> {
         self.context.ledger.as_ref().map(|l| l.backlog())
+    }
+
+    /// Every profile's slot, by name.
+    pub fn slots(&self) -> Vec<(String, Arc<Slot>)> {
+        self.slots
+            .load()
+            .iter()
+            .map(|(name, e)| (name.clone(), Arc::clone(&e.slot)))
+            .collect()
     }
 
     /// Profile names.

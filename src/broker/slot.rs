@@ -74,7 +74,7 @@ pub struct Unavailable {
 
 /// `Retry-After` for a profile whose keys an operator revoked: nothing changes until they
 /// rotate it, so clients need not ask often.
-pub const HELD_RETRY_AFTER: Duration = Duration::from_secs(60);
+const HELD_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// What `keybroker rotate` achieved.
 #[derive(Debug, Clone, serde::Serialize)]

@@ -225,11 +225,7 @@ async fn admin(app: &App, peer: Peer, action: &str, req: Request<Incoming>) -> R
         );
     };
     let Some(slot) = app.broker.slot(profile) else {
-        return error_response(
-            StatusCode::NOT_FOUND,
-            "unknown_profile",
-            &format!("no profile named {profile:?} in the keybroker config"),
-        );
+        return unknown_profile(profile);
     };
     let upstream_failed =
         |message: &str| error_response(StatusCode::BAD_GATEWAY, "upstream_failed", message);
@@ -342,6 +338,14 @@ fn json_ok(body: &serde_json::Value) -> Response<Body> {
     json_response(StatusCode::OK, Bytes::from(body.to_string() + "\n"))
 }
 
+fn unknown_profile(profile: &str) -> Response<Body> {
+    error_response(
+        StatusCode::NOT_FOUND,
+        "unknown_profile",
+        &format!("no profile named {profile:?} in the keybroker config"),
+    )
+}
+
 fn forbidden(peer: Peer, why: &str) -> Response<Body> {
     error_response(
         StatusCode::FORBIDDEN,
@@ -353,11 +357,7 @@ fn forbidden(peer: Peer, why: &str) -> Response<Body> {
 async fn credentials(app: &App, peer: Peer, profile: &str) -> Response<Body> {
     if !app.access.load().may_read(profile, peer) {
         if app.broker.slot(profile).is_none() {
-            return error_response(
-                StatusCode::NOT_FOUND,
-                "unknown_profile",
-                &format!("no profile named {profile:?} in the keybroker config"),
-            );
+            return unknown_profile(profile);
         }
         return forbidden(
             peer,
@@ -368,11 +368,7 @@ async fn credentials(app: &App, peer: Peer, profile: &str) -> Response<Body> {
         return json_response(StatusCode::OK, body);
     }
     let Some(slot) = app.broker.slot(profile) else {
-        return error_response(
-            StatusCode::NOT_FOUND,
-            "unknown_profile",
-            &format!("no profile named {profile:?} in the keybroker config"),
-        );
+        return unknown_profile(profile);
     };
     match slot.get().await {
         Ok(key) => json_response(StatusCode::OK, key.process_json.clone()),
@@ -389,12 +385,7 @@ async fn credentials(app: &App, peer: Peer, profile: &str) -> Response<Body> {
 }
 
 fn metrics_body(app: &App) -> String {
-    let slots: Vec<_> = app
-        .broker
-        .profiles()
-        .into_iter()
-        .filter_map(|name| app.broker.slot(&name).map(|slot| (name, slot)))
-        .collect();
+    let slots = app.broker.slots();
     let statuses: Vec<_> = slots.iter().map(|(_, slot)| slot.status()).collect();
     let samples: Vec<_> = slots
         .iter()
@@ -513,13 +504,12 @@ pub async fn serve(listener: Listener, app: Arc<App>, stop: CancellationToken, d
             let app = Arc::clone(&app);
             async move {
                 let head = req.method() == Method::HEAD;
+                // The socket's handler takes the request, so what the log line needs is kept
+                // first, and only when it will be written.
+                let logged = tracing::enabled!(tracing::Level::DEBUG)
+                    .then(|| (req.method().clone(), req.uri().path().to_owned()));
                 let mut resp = match (route, &app.container) {
-                    (Route::Socket(peer), _) => {
-                        if tracing::enabled!(tracing::Level::DEBUG) {
-                            tracing::debug!(method = %req.method(), path = req.uri().path(), ?route, "request");
-                        }
-                        handle(&app, peer, req).await
-                    }
+                    (Route::Socket(peer), _) => handle(&app, peer, req).await,
                     (Route::Container, Some(tokens)) => container::handle(&app, tokens, &req).await,
                     (Route::Container, None) => {
                         unreachable!("the container listener exists only with its tokens")
@@ -529,6 +519,9 @@ pub async fn serve(listener: Listener, app: Arc<App>, stop: CancellationToken, d
                     *resp.body_mut() = Full::new(Bytes::new());
                 }
                 app.requests.record(resp.status().as_u16());
+                if let Some((method, path)) = logged {
+                    tracing::debug!(%method, path, status = resp.status().as_u16(), ?route, "request");
+                }
                 Ok::<_, Infallible>(resp)
             }
         });

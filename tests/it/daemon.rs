@@ -8,7 +8,7 @@ use rustix::process::Signal;
 use time::OffsetDateTime;
 
 use crate::fake_cloud::{FakeCloud, Faults};
-use crate::harness::{coreweave_profile, get, key_id, python, Daemon, Env};
+use crate::harness::{coreweave_profile, get, key_id, python, wait_until, Daemon, Env};
 
 /// Starts the fake on loopback and a daemon with `profiles` (name, extra TOML) against it.
 async fn setup(
@@ -27,14 +27,6 @@ async fn setup(
     let config = env.config(&text);
     let daemon = tokio::task::block_in_place(|| env.serve(&config, rust_log));
     (env, fake, daemon)
-}
-
-async fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn stop(daemon: &mut Daemon, limit: Duration) -> (std::process::ExitStatus, Duration) {
@@ -580,7 +572,6 @@ async fn upstream_refusals_are_one_line_with_the_providers_words() {
 #[test]
 fn peers_a_profile_does_not_allow_get_403_and_no_key() {
     use std::os::unix::fs::PermissionsExt;
-    use std::os::unix::process::CommandExt;
     let env = Env::new();
     let config = env.config(
         "[server]\nsocket_mode = \"0666\"\n\n[profiles.mine]\nprovider = \"dev\"\n\n[profiles.for-nobody]\nprovider = \"dev\"\nallow_uids = [65534]\n\n[profiles.closed]\nprovider = \"dev\"\nallow_uids = []\n",
@@ -597,14 +588,7 @@ fn peers_a_profile_does_not_allow_get_403_and_no_key() {
 
     if rustix::process::getuid().is_root() {
         std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let as_nobody = |args: &[&str]| {
-            let out = env.command(args).uid(65534).gid(65534).output().unwrap();
-            (
-                out.status.code().unwrap_or(-1),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            )
-        };
+        let as_nobody = |args: &[&str]| env.run_as(65534, args);
         let (code, stdout, stderr) = as_nobody(&["credential-process", "--profile", "mine"]);
         assert_eq!((code, stdout.as_str()), (1, ""), "{stderr}");
         assert!(

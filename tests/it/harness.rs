@@ -71,12 +71,13 @@ impl Env {
 
     /// Runs the binary to completion: (exit code, stdout, stderr).
     pub fn run(&self, args: &[&str]) -> (i32, String, String) {
-        let out = self.command(args).output().unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        outcome(self.command(args).output().unwrap())
+    }
+
+    /// [`Env::run`] as user and group `id` (the caller must be root).
+    pub fn run_as(&self, id: u32, args: &[&str]) -> (i32, String, String) {
+        use std::os::unix::process::CommandExt;
+        outcome(self.command(args).uid(id).gid(id).output().unwrap())
     }
 
     /// Starts `serve --config` with stderr captured to a file, and waits until it answers.
@@ -180,6 +181,23 @@ impl Drop for Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+fn outcome(out: std::process::Output) -> (i32, String, String) {
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Polls `ok` every 20 ms until it holds; fails the test after `limit`.
+pub async fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -4,22 +4,15 @@
 
 use std::os::unix::process::CommandExt;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keybroker::clock::Clock;
 
 use crate::fake_cloud::{FakeCloud, COREWEAVE_PRINCIPAL};
 use crate::harness::{get, key_id, Daemon, Env, BIN};
 
-async fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn wait_until(what: &str, ok: impl FnMut() -> bool) {
+    crate::harness::wait_until(what, Duration::from_secs(15), ok).await
 }
 
 /// Runs the binary without blocking the runtime that serves the fake.
@@ -248,16 +241,7 @@ async fn admin_calls_from_another_uid_get_403_and_change_nothing() {
     );
     let (env, fake, mut daemon) = setup().await;
     std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let as_nobody = |args: &[&str]| {
-        tokio::task::block_in_place(|| {
-            let out = env.command(args).uid(65534).gid(65534).output().unwrap();
-            (
-                out.status.code().unwrap_or(-1),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            )
-        })
-    };
+    let as_nobody = |args: &[&str]| tokio::task::block_in_place(|| env.run_as(65534, args));
     let before = live_ids(&fake, "coreweave");
     let calls = fake.total_calls();
     for args in [
