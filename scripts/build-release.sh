@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds the release binary the way we ship it and prints its path.
 #
-#   scripts/build-release.sh            -> target/<host triple>/release/keybroker
+#   scripts/build-release.sh                   -> target/<host triple>/release/keybroker
+#   scripts/build-release.sh --example NAME    -> .../release/examples/NAME, built the same way
+#                                                 (bench/run.sh's peers share the build's deps)
 #
 # On glibc Linux the binary is linked statically (`-C target-feature=+crt-static`). aws-cli
 # spawns `keybroker credential-process` for every command, so start-up is the client's whole
@@ -17,10 +19,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 host=$(rustc -vV | sed -n 's/^host: //p')
+what=(--bin keybroker); out=keybroker
+if [ "${1:-}" = --example ]; then
+  [ -n "${2:-}" ] || { echo "usage: $0 [--example NAME]" >&2; exit 64; }
+  what=(--example "$2"); out="examples/$2"
+fi
 if [ "${KEYBROKER_DYNAMIC:-0}" != 1 ] && [[ $host == *-linux-gnu ]]; then
-  RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" cargo build --release --locked --quiet --target "$host" >&2
-  echo "$PWD/target/$host/release/keybroker"
+  RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" cargo build --release --locked --quiet --target "$host" "${what[@]}" >&2
+  echo "$PWD/target/$host/release/$out"
 else
-  cargo build --release --locked --quiet >&2
-  echo "$PWD/target/release/keybroker"
+  cargo build --release --locked --quiet "${what[@]}" >&2
+  echo "$PWD/target/release/$out"
 fi
