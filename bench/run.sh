@@ -48,7 +48,7 @@ sock=$work/keybroker.sock
   echo "socket = \"$sock\""
   echo "state_dir = \"$work/state\""
   for i in $(seq 0 9); do printf '[profiles.p%s]\nprovider = "dev"\n' "$i"; done
-  for i in $(seq 1 "$rounds"); do printf '[profiles.cold%s]\nprovider = "dev"\nprewarm = false\nmint_delay = "200ms"\n' "$i"; done
+  for i in $(seq 1 $((2 * rounds))); do printf '[profiles.cold%s]\nprovider = "dev"\nprewarm = false\nmint_delay = "200ms"\n' "$i"; done
   printf '[profiles.lazy]\nprovider = "dev"\nprewarm = false\n'
 } > "$work/keybroker.toml"
 
@@ -116,8 +116,9 @@ for r in $(seq 1 "$rounds"); do
   done
 done
 load_hwm=$(hwm_kib "$daemon")
+median_of() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 # The median over the rounds of one column (4 req/s, 5 p50, 6 p99) for a mode and server.
-med() { awk -F'\t' -v m="$1" -v w="$2" -v c="$3" '$1 == m && $2 == w {print $c}' "$work/serve.tsv" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+med() { awk -F'\t' -v m="$1" -v w="$2" -v c="$3" '$1 == m && $2 == w {print $c}' "$work/serve.tsv" | median_of; }
 for mode in ka nc; do
   for who in kb ng; do
     for col in 4:rps 5:p50 6:p99; do printf -v "${who}_${mode}_${col#*:}" '%s' "$(med "$mode" "$who" "${col%%:*}")"; done
@@ -136,38 +137,59 @@ median() { jq -r --arg n "$1" '.results[] | select(.command == $n) | .median * 1
 kb_med=$(median keybroker); cat_med=$(median cat); curl_med=$(median curl)
 
 # ---- cold burst: concurrent first requests share one mint -------------------------------
-# Each round bursts a profile nobody has asked for yet (cold1, cold2, ...), then the same burst
-# against cold_peer (examples/cold_peer.rs): a server that does nothing but hold every request
-# until 200 ms after the first and write fixed bytes. Its p99 is what oha and this machine cost
-# for such a burst whatever the server: oha opens all N connections before it sends any request,
-# and counts each request's time from before its connect.
-echo "==> cold burst ($rounds rounds of $burst clients, dev mint_delay 200 ms; against cold_peer too)"
-burst() { # socket, profile -> "p99_ms answered_200"
+# Each burst goes to a profile nobody has asked for yet (cold1, cold2, ...), then the same burst
+# goes to cold_peer (examples/cold_peer.rs): a server that does nothing but hold every request
+# until 200 ms after the first and write fixed bytes, the floor for such a burst on this machine
+# whatever the server. Two load generators, because they make different bursts:
+#   oha   opens all N connections before it sends any request, and counts each request's time
+#         from before its connect: the first request leaves only once every connection is up.
+#   curl  N parallel transfers (4 processes of N/4: curl caps one process at 300), each sending
+#         its request as soon as its connection is up, as N separate clients would; each
+#         transfer's time_total also counts from before its connect.
+echo "==> cold burst ($rounds rounds of $burst clients with oha and with curl, dev mint_delay 200 ms; against cold_peer too)"
+oha_burst() { # socket, profile -> "p99_ms answered_200"
   "$oha" --no-tui --output-format json -n "$burst" -c "$burst" --unix-socket "$1" "http://kb/v1/credentials/$2" |
     jq -r '[(.latencyPercentiles.p99*1000), (.statusCodeDistribution["200"] // 0)] | @tsv'
 }
-kb_bursts=(); peer_bursts=(); burst_mints=(); burst_ok=0; peer_ok=0
+curl_burst() { # socket, profile -> "p99_ms answered_200"
+  local each=$((burst / 4)) k cs=()
+  for k in 1 2 3 4; do
+    curl -s --unix-socket "$1" -Z --parallel-max "$each" --parallel-immediate -o /dev/null \
+      -w '%{time_total} %{http_code}\n' "http://kb/v1/credentials/$2?[1-$each]" > "$work/curl$k.txt" 2>/dev/null &
+    cs+=($!)
+  done
+  wait "${cs[@]}" || true
+  # p99 by nearest rank, as oha reports it.
+  cat "$work"/curl?.txt | sort -g | awk '{t[NR] = $1 * 1000; if ($2 == 200) ok++} END {i = int(NR * 0.99); if (i < NR * 0.99) i++; if (i < 1) i = 1; printf "%.3f\t%d\n", t[i], ok + 0}'
+}
+: > "$work/cold.tsv"
+burst_mints=()
 psock=$work/cold_peer.sock
 for r in $(seq 1 "$rounds"); do
-  read -r p99 ok < <(burst "$sock" "cold$r")
-  kb_bursts+=("$p99"); burst_ok=$((burst_ok + ok))
-  burst_mints+=("$(curl -sf --unix-socket "$sock" http://kb/v1/status | jq -r --arg p "cold$r" '.profiles[] | select(.name == $p) | .counters.mints')")
-  rm -f "$psock"
-  "$peer" "$psock" "$work/p0.json" 200 2>>"$work/peer.log" &
-  peer_pid=$!
-  pids+=("$peer_pid")
-  for _ in $(seq 1 200); do [ -S "$psock" ] && break; sleep 0.01; done
-  read -r p99 ok < <(burst "$psock" p0)
-  peer_bursts+=("$p99"); peer_ok=$((peer_ok + ok))
-  kill "$peer_pid"; wait "$peer_pid" 2>/dev/null || true
+  for gen in oha curl; do
+    profile=cold$r; [ $gen = curl ] && profile=cold$((rounds + r))
+    read -r p99 ok < <("${gen}_burst" "$sock" "$profile")
+    printf '%s\tkb\t%s\t%s\n' "$gen" "$p99" "$ok" >> "$work/cold.tsv"
+    burst_mints+=("$(curl -sf --unix-socket "$sock" http://kb/v1/status | jq -r --arg p "$profile" '.profiles[] | select(.name == $p) | .counters.mints')")
+    rm -f "$psock"
+    "$peer" "$psock" "$work/p0.json" 200 2>>"$work/peer.log" &
+    peer_pid=$!
+    pids+=("$peer_pid")
+    for _ in $(seq 1 200); do [ -S "$psock" ] && break; sleep 0.01; done
+    read -r p99 ok < <("${gen}_burst" "$psock" p0)
+    printf '%s\tpeer\t%s\t%s\n' "$gen" "$p99" "$ok" >> "$work/cold.tsv"
+    kill "$peer_pid"; wait "$peer_pid" 2>/dev/null || true
+  done
 done
-median_of() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
-burst_p99=$(median_of "${kb_bursts[@]}")
-peer_p99=$(median_of "${peer_bursts[@]}")
+cold_p99s() { awk -F'\t' -v g="$1" -v w="$2" '$1 == g && $2 == w {print $3}' "$work/cold.tsv"; }
+cold_median() { cold_p99s "$1" "$2" | median_of; }
+cold_list() { cold_p99s "$1" "$2" | awk '{printf "%s%.0f", (NR > 1 ? " " : ""), $1}'; }
+cold_answered() { awk -F'\t' -v w="$1" '$2 == w {n += $4} END {print n + 0}' "$work/cold.tsv"; }
 all_one=1; for m in "${burst_mints[@]}"; do [ "$m" = 1 ] || all_one=0; done
+burst_ok=$(cold_answered kb); peer_ok=$(cold_answered peer); bursts_total=$((2 * rounds * burst))
 # The same burst once the key is ready, against keybroker and nginx: what N simultaneous new
 # connections cost on this machine with no mint to wait for.
-warm_p99() { burst "$1" "$2" | cut -f1; }
+warm_p99() { oha_burst "$1" "$2" | cut -f1; }
 warm_kb_p99=$(warm_p99 "$sock" cold1)
 warm_ng_p99=$(warm_p99 "$nsock" p0)
 stop_daemon
@@ -213,16 +235,18 @@ out=bench/out/results.md
   echo "| other | value | target | met |"
   echo "|---|---|---|---|"
   printf '| cold bursts of %s: mints in each | %s | exactly 1 | %s |\n' "$burst" "${burst_mints[*]}" "$(verdict "$all_one")"
-  printf '| cold burst of %s: p99 ms, median of %s bursts (mint takes 200 ms) | %.1f (%s) | under 250 | %s |\n' "$burst" "$rounds" "$burst_p99" "$(printf '%.0f ' "${kb_bursts[@]}" | sed 's/ $//')" "$(verdict "$(awk -v p="$burst_p99" 'BEGIN{print (p<250)}')")"
-  printf '| the same bursts against cold_peer (holds each request 200 ms, writes fixed bytes): p99 ms | %.1f (%s) | (the floor) | |\n' "$peer_p99" "$(printf '%.0f ' "${peer_bursts[@]}" | sed 's/ $//')"
-  printf '| cold burst: keybroker p99 over cold_peer p99 | %+.1f ms | | |\n' "$(awk -v a="$burst_p99" -v b="$peer_p99" 'BEGIN{print a-b}')"
-  printf '| cold bursts: HTTP 200 answers, keybroker / cold_peer | %s / %s of %s | all | %s |\n' "$burst_ok" "$peer_ok" "$((burst * rounds))" "$(verdict "$([ "$burst_ok" = $((burst * rounds)) ] && echo 1 || echo 0)")"
+  for gen in oha curl; do
+    kb_p99=$(cold_median "$gen" kb); peer_p99=$(cold_median "$gen" peer)
+    printf '| cold burst of %s (%s): p99 ms, median of %s bursts (mint takes 200 ms) | %.1f (%s) | under 250 | %s |\n' "$burst" "$gen" "$rounds" "$kb_p99" "$(cold_list "$gen" kb)" "$(verdict "$(awk -v p="$kb_p99" 'BEGIN{print (p<250)}')")"
+    printf '| the same %s bursts against cold_peer (the floor: holds each request 200 ms, writes fixed bytes) | %.1f (%s); keybroker %+.1f ms | | |\n' "$gen" "$peer_p99" "$(cold_list "$gen" peer)" "$(awk -v a="$kb_p99" -v b="$peer_p99" 'BEGIN{print a-b}')"
+  done
+  printf '| cold bursts: HTTP 200 answers, keybroker / cold_peer | %s / %s of %s | all | %s |\n' "$burst_ok" "$peer_ok" "$bursts_total" "$(verdict "$([ "$burst_ok" = "$bursts_total" ] && echo 1 || echo 0)")"
   printf '| a burst of %s with the key ready: keybroker / nginx p99 ms | %.1f / %.1f | (new connections alone) | |\n' "$burst" "$warm_kb_p99" "$warm_ng_p99"
-  printf '| idle RSS, %s profiles (10 prewarmed) | %.1f MiB | under 10 MiB | %s |\n' "$((rounds + 11))" "$(awk -v k="$idle_rss" 'BEGIN{print k/1024}')" "$(verdict "$(awk -v k="$idle_rss" 'BEGIN{print (k<10240)}')")"
+  printf '| idle RSS, %s profiles (10 prewarmed) | %.1f MiB | under 10 MiB | %s |\n' "$((2 * rounds + 11))" "$(awk -v k="$idle_rss" 'BEGIN{print k/1024}')" "$(verdict "$(awk -v k="$idle_rss" 'BEGIN{print (k<10240)}')")"
   printf '| peak RSS under the serve-path load | %.1f MiB | under 20 MiB | %s |\n' "$(awk -v k="$load_hwm" 'BEGIN{print k/1024}')" "$(verdict "$(awk -v k="$load_hwm" 'BEGIN{print (k<20480)}')")"
   printf '| start-up: exec to a served request (median of %s) | %s ms | | |\n' "$starts" "$startup_ms"
 } > "$out"
 cat "$out"
 # The one hard check, even in a smoke run: a cold burst is one mint, and every client is answered.
-[ "$all_one" = 1 ] && [ "$burst_ok" = $((burst * rounds)) ] && [ "$peer_ok" = $((burst * rounds)) ] ||
-  { echo "cold bursts: mints ${burst_mints[*]}; keybroker answered $burst_ok and cold_peer $peer_ok of $((burst * rounds))" >&2; exit 1; }
+[ "$all_one" = 1 ] && [ "$burst_ok" = "$bursts_total" ] && [ "$peer_ok" = "$bursts_total" ] ||
+  { echo "cold bursts: mints ${burst_mints[*]}; keybroker answered $burst_ok and cold_peer $peer_ok of $bursts_total" >&2; exit 1; }

@@ -354,6 +354,20 @@ fn forbidden(peer: Peer, why: &str) -> Response<Body> {
     )
 }
 
+/// The hot path: `GET /v1/credentials/{profile}` for a reader of a profile whose key is ready,
+/// answered with the key's pre-rendered body. `None`: [`handle`] decides.
+fn ready_answer(app: &App, peer: Peer, req: &Request<Incoming>) -> Option<Response<Body>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return None;
+    }
+    let profile = req.uri().path().strip_prefix("/v1/credentials/")?;
+    if !app.access.load().may_read(profile, peer) {
+        return None;
+    }
+    let body = app.broker.ready_body(profile)?;
+    Some(json_response(StatusCode::OK, body))
+}
+
 async fn credentials(app: &App, peer: Peer, profile: &str) -> Response<Body> {
     if !app.access.load().may_read(profile, peer) {
         if app.broker.slot(profile).is_none() {
@@ -364,6 +378,7 @@ async fn credentials(app: &App, peer: Peer, profile: &str) -> Response<Body> {
             &format!("profile {profile} allows it neither by allow_uids nor by allow_groups"),
         );
     }
+    // A key may have become ready since `ready_answer` looked.
     if let Some(body) = app.broker.ready_body(profile) {
         return json_response(StatusCode::OK, body);
     }
@@ -508,9 +523,17 @@ pub async fn serve(listener: Listener, app: Arc<App>, stop: CancellationToken, d
                 // first, and only when it will be written.
                 let logged = tracing::enabled!(tracing::Level::DEBUG)
                     .then(|| (req.method().clone(), req.uri().path().to_owned()));
+                // A ready key is answered without awaiting anything. Every other answer (a
+                // mint to wait for, the admin calls) is a large future: boxed, so that the
+                // future hyper keeps per connection, and moves per request, stays small.
                 let mut resp = match (route, &app.container) {
-                    (Route::Socket(peer), _) => handle(&app, peer, req).await,
-                    (Route::Container, Some(tokens)) => container::handle(&app, tokens, &req).await,
+                    (Route::Socket(peer), _) => match ready_answer(&app, peer, &req) {
+                        Some(resp) => resp,
+                        None => Box::pin(handle(&app, peer, req)).await,
+                    },
+                    (Route::Container, Some(tokens)) => {
+                        Box::pin(container::handle(&app, tokens, &req)).await
+                    }
                     (Route::Container, None) => {
                         unreachable!("the container listener exists only with its tokens")
                     }
