@@ -102,6 +102,8 @@ load() { # socket, extra oha flags... -> "rps p50_ms p99_ms"
   jq -r '[.summary.requestsPerSec, (.latencyPercentiles.p50*1000), (.latencyPercentiles.p99*1000), (.statusCodeDistribution["200"] // 0)] | @tsv' "$work/oha.json"
 }
 echo "==> serve path ($rounds rounds of $dur s per server and mode, interleaved)"
+# One unrecorded second each first, so that no round starts on a cold server.
+dur=1 load "$sock" > /dev/null; dur=1 load "$nsock" > /dev/null
 : > "$work/serve.tsv"
 for r in $(seq 1 "$rounds"); do
   order="kb ng"; [ $((r % 2)) = 0 ] && order="ng kb"  # neither always runs first
@@ -109,7 +111,7 @@ for r in $(seq 1 "$rounds"); do
     for who in $order; do
       s=$sock; [ $who = ng ] && s=$nsock
       flags=(); [ $mode = nc ] && flags=(--disable-keepalive)
-      read -r rps p50 p99 ok < <(load "$s" "${flags[@]}")
+      read -r rps p50 p99 ok < <(load "$s" "${flags[@]}") || { echo "the $mode load against $who gave no result" >&2; exit 1; }
       [ "$ok" -gt 0 ] || { echo "a load run against $who got no 200s" >&2; exit 1; }
       printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$who" "$r" "$rps" "$p50" "$p99" >> "$work/serve.tsv"
     done
@@ -137,12 +139,14 @@ median() { jq -r --arg n "$1" '.results[] | select(.command == $n) | .median * 1
 kb_med=$(median keybroker); cat_med=$(median cat); curl_med=$(median curl)
 
 # ---- cold burst: concurrent first requests share one mint -------------------------------
-# Each burst goes to a profile nobody has asked for yet (cold1, cold2, ...), then the same burst
-# goes to cold_peer (examples/cold_peer.rs): a server that does nothing but hold every request
-# until 200 ms after the first and write fixed bytes, the floor for such a burst on this machine
-# whatever the server. Two load generators, because they make different bursts:
-#   oha   opens all N connections before it sends any request, and counts each request's time
-#         from before its connect: the first request leaves only once every connection is up.
+# Each burst goes to a profile nobody has asked for yet (cold1, cold2, ...), and the same burst
+# to cold_peer (examples/cold_peer.rs; who goes first alternates): a server that does nothing but
+# hold every request until 200 ms after the first and write fixed bytes, the floor for such a
+# burst on this machine whatever the server. Two load generators, because they make different
+# bursts:
+#   oha   counts each request's time from before its connect, and as its runtime schedules
+#         1000 tasks, all of them connect before the first sends its request (seen with perf
+#         syscall tracepoints): the first request leaves only once every connection is up.
 #   curl  N parallel transfers (4 processes of N/4: curl caps one process at 300), each sending
 #         its request as soon as its connection is up, as N separate clients would; each
 #         transfer's time_total also counts from before its connect.
@@ -159,28 +163,40 @@ curl_burst() { # socket, profile -> "p99_ms answered_200"
     cs+=($!)
   done
   wait "${cs[@]}" || true
-  # p99 by nearest rank, as oha reports it.
-  cat "$work"/curl?.txt | sort -g | awk '{t[NR] = $1 * 1000; if ($2 == 200) ok++} END {i = int(NR * 0.99); if (i < NR * 0.99) i++; if (i < 1) i = 1; printf "%.3f\t%d\n", t[i], ok + 0}'
+  # p99 as oha computes it: the sorted times' element floor(0.99 n), from 0, of the transfers
+  # that got an answer (curl's code 000: none).
+  cat "$work"/curl?.txt | awk '$2 != "000"' | sort -g |
+    awk '{t[NR] = $1 * 1000; if ($2 == 200) ok++} END {i = int(NR * 0.99) + 1; if (i > NR) i = NR; printf "%.3f\t%d\n", t[i], ok + 0}'
+}
+start_peer() { # -> cold_peer listening on $psock, its pid in $peer_pid
+  rm -f "$psock" "$work/peer.out"
+  "$peer" "$psock" "$work/p0.json" 200 > "$work/peer.out" 2>>"$work/peer.log" &
+  peer_pid=$!
+  pids+=("$peer_pid")
+  for _ in $(seq 1 200); do grep -q listening "$work/peer.out" 2>/dev/null && return; sleep 0.01; done
+  echo "cold_peer did not start: $(cat "$work/peer.log")" >&2; exit 1
 }
 : > "$work/cold.tsv"
 burst_mints=()
 psock=$work/cold_peer.sock
 for r in $(seq 1 "$rounds"); do
+  order="kb peer"; [ $((r % 2)) = 0 ] && order="peer kb"
   for gen in oha curl; do
-    profile=cold$r; [ $gen = curl ] && profile=cold$((rounds + r))
-    read -r p99 ok < <("${gen}_burst" "$sock" "$profile")
-    printf '%s\tkb\t%s\t%s\n' "$gen" "$p99" "$ok" >> "$work/cold.tsv"
-    burst_mints+=("$(curl -sf --unix-socket "$sock" http://kb/v1/status | jq -r --arg p "$profile" '.profiles[] | select(.name == $p) | .counters.mints')")
-    rm -f "$psock"
-    "$peer" "$psock" "$work/p0.json" 200 2>>"$work/peer.log" &
-    peer_pid=$!
-    pids+=("$peer_pid")
-    for _ in $(seq 1 200); do [ -S "$psock" ] && break; sleep 0.01; done
-    read -r p99 ok < <("${gen}_burst" "$psock" p0)
-    printf '%s\tpeer\t%s\t%s\n' "$gen" "$p99" "$ok" >> "$work/cold.tsv"
-    kill "$peer_pid"; wait "$peer_pid" 2>/dev/null || true
+    for who in $order; do
+      if [ $who = kb ]; then
+        profile=cold$r; [ $gen = curl ] && profile=cold$((rounds + r))
+        read -r p99 ok < <("${gen}_burst" "$sock" "$profile") || { echo "the $gen burst against keybroker gave no result" >&2; exit 1; }
+        burst_mints+=("$(curl -sf --unix-socket "$sock" http://kb/v1/status | jq -r --arg p "$profile" '.profiles[] | select(.name == $p) | .counters.mints')")
+      else
+        start_peer
+        read -r p99 ok < <("${gen}_burst" "$psock" p0) || { echo "the $gen burst against cold_peer gave no result" >&2; exit 1; }
+        kill "$peer_pid" 2>/dev/null || true; wait "$peer_pid" 2>/dev/null || true
+      fi
+      printf '%s\t%s\t%s\t%s\n' "$gen" "$who" "$p99" "$ok" >> "$work/cold.tsv"
+    done
   done
 done
+[ "$(wc -l < "$work/cold.tsv")" = $((4 * rounds)) ] || { echo "cold bursts: some burst gave no result" >&2; cat "$work/cold.tsv" >&2; exit 1; }
 cold_p99s() { awk -F'\t' -v g="$1" -v w="$2" '$1 == g && $2 == w {print $3}' "$work/cold.tsv"; }
 cold_median() { cold_p99s "$1" "$2" | median_of; }
 cold_list() { cold_p99s "$1" "$2" | awk '{printf "%s%.0f", (NR > 1 ? " " : ""), $1}'; }
@@ -203,7 +219,11 @@ for _ in $(seq 1 "$starts"); do
   daemon=$!
   pids+=("$daemon")
   # Polled with keybroker's own client (under 1 ms a try; curl takes 7-10).
-  until "$kb" credential-process --profile lazy --socket "$sock" >/dev/null 2>&1; do :; done
+  tries=0
+  until "$kb" credential-process --profile lazy --socket "$sock" >/dev/null 2>&1; do
+    tries=$((tries + 1))
+    [ $tries -lt 5000 ] || { echo "daemon served nothing: $(tail -5 "$work/daemon.log")" >&2; exit 1; }
+  done
   t1=$(date +%s%N)
   times+=($(( (t1 - t0) / 1000 )))
   stop_daemon

@@ -6,7 +6,8 @@
 //! credentials (as keybroker must), reads a request up to the end of its headers, and holds it
 //! until `DELAY_MS` after the first request arrived. Then every held request, and every later
 //! one, gets the same pre-rendered 200 with `BODY_FILE` as its body. No routing, no access
-//! check, no ledger, no provider: a floor, not a server.
+//! check, no ledger, no provider: a floor, not a server. It prints `listening` once clients can
+//! connect, and raises its open-file limit as keybroker does.
 //!
 //! ```text
 //! cold_peer SOCKET BODY_FILE DELAY_MS
@@ -56,12 +57,22 @@ async fn main() -> std::io::Result<()> {
         ready: watch::channel(false).0,
     });
 
+    keybroker::daemon::raise_fd_limit();
     let _ = std::fs::remove_file(socket);
     let listener = UnixSocket::new_stream()?;
     listener.bind(socket)?;
     let listener = listener.listen(4096)?;
+    println!("listening");
     loop {
-        let (stream, _) = listener.accept().await?;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, say: a slower floor, not a dead one.
+                eprintln!("cold_peer: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
         if stream.peer_cred().is_err() {
             continue;
         }

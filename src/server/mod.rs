@@ -354,18 +354,19 @@ fn forbidden(peer: Peer, why: &str) -> Response<Body> {
     )
 }
 
-/// The hot path: `GET /v1/credentials/{profile}` for a reader of a profile whose key is ready,
-/// answered with the key's pre-rendered body. `None`: [`handle`] decides.
+/// The hot path: `GET` (or `HEAD`) `/v1/credentials/{profile}` for a reader of a profile whose
+/// key is ready, answered with the key's pre-rendered body. `None`: [`handle`] decides (and
+/// checks access itself, so a profile that is not ready costs no second check).
 fn ready_answer(app: &App, peer: Peer, req: &Request<Incoming>) -> Option<Response<Body>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return None;
     }
     let profile = req.uri().path().strip_prefix("/v1/credentials/")?;
-    if !app.access.load().may_read(profile, peer) {
-        return None;
-    }
     let body = app.broker.ready_body(profile)?;
-    Some(json_response(StatusCode::OK, body))
+    app.access
+        .load()
+        .may_read(profile, peer)
+        .then(|| json_response(StatusCode::OK, body))
 }
 
 async fn credentials(app: &App, peer: Peer, profile: &str) -> Response<Body> {
@@ -518,7 +519,6 @@ pub async fn serve(listener: Listener, app: Arc<App>, stop: CancellationToken, d
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let app = Arc::clone(&app);
             async move {
-                let head = req.method() == Method::HEAD;
                 // The socket's handler takes the request, so what the log line needs is kept
                 // first, and only when it will be written.
                 let logged = tracing::enabled!(tracing::Level::DEBUG)
@@ -526,7 +526,7 @@ pub async fn serve(listener: Listener, app: Arc<App>, stop: CancellationToken, d
                 // A ready key is answered without awaiting anything. Every other answer (a
                 // mint to wait for, the admin calls) is a large future: boxed, so that the
                 // future hyper keeps per connection, and moves per request, stays small.
-                let mut resp = match (route, &app.container) {
+                let resp = match (route, &app.container) {
                     (Route::Socket(peer), _) => match ready_answer(&app, peer, &req) {
                         Some(resp) => resp,
                         None => Box::pin(handle(&app, peer, req)).await,
@@ -538,9 +538,6 @@ pub async fn serve(listener: Listener, app: Arc<App>, stop: CancellationToken, d
                         unreachable!("the container listener exists only with its tokens")
                     }
                 };
-                if head {
-                    *resp.body_mut() = Full::new(Bytes::new());
-                }
                 app.requests.record(resp.status().as_u16());
                 if let Some((method, path)) = logged {
                     tracing::debug!(%method, path, status = resp.status().as_u16(), ?route, "request");

@@ -8,7 +8,7 @@ use rustix::process::Signal;
 use time::OffsetDateTime;
 
 use crate::fake_cloud::{FakeCloud, Faults};
-use crate::harness::{coreweave_profile, get, key_id, python, wait_until, Daemon, Env};
+use crate::harness::{coreweave_profile, get, key_id, python, request, wait_until, Daemon, Env};
 
 /// Starts the fake on loopback and a daemon with `profiles` (name, extra TOML) against it.
 async fn setup(
@@ -127,14 +127,33 @@ async fn cold_burst_of_500_requests_mints_once() {
         })
         .collect();
     let mut ids = std::collections::HashSet::new();
+    let mut waited = None;
     for t in tasks {
         let (status, headers, body) = t.await.unwrap();
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
         assert_eq!(headers["cache-control"], "no-store");
         ids.insert(key_id(&body));
+        waited = Some((headers, body));
     }
     assert_eq!(fake.calls("create"), 1, "exactly one mint for the burst");
     assert_eq!(ids.len(), 1);
+
+    // The key is ready now: the answer that needs no wait is the same, headers and bytes, and
+    // HEAD gets those headers with no body.
+    let (waited_headers, waited_body) = waited.unwrap();
+    let (status, headers, body) = get(&socket, "/v1/credentials/cold").await;
+    assert_eq!(status, 200);
+    assert_eq!(body, waited_body);
+    let (status, head_headers, head_body) =
+        request(&socket, http::Method::HEAD, "/v1/credentials/cold").await;
+    assert_eq!(status, 200);
+    assert!(head_body.is_empty());
+    for h in [&headers, &head_headers] {
+        for name in ["content-type", "cache-control", "content-length"] {
+            assert_eq!(h[name], waited_headers[name], "{name}");
+        }
+    }
+    assert_eq!(fake.calls("create"), 1);
     let (status, _) = stop(&mut daemon, Duration::from_secs(25));
     assert!(status.success());
     assert!(fake.live().is_empty());

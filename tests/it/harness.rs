@@ -203,13 +203,24 @@ pub async fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> boo
 
 /// One GET over the Unix socket with hyper: (status, headers, body).
 pub async fn get(socket: &Path, path: &str) -> (u16, http::HeaderMap, Bytes) {
+    request(socket, http::Method::GET, path).await
+}
+
+/// One bodiless request over the Unix socket with hyper: (status, headers, body).
+pub async fn request(
+    socket: &Path,
+    method: http::Method,
+    path: &str,
+) -> (u16, http::HeaderMap, Bytes) {
     let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
             .unwrap();
     tokio::spawn(conn);
-    let req = http::Request::get(path)
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
         .header("host", "keybroker")
         .body(Empty::<Bytes>::new())
         .unwrap();
