@@ -379,10 +379,7 @@ async fn credentials(app: &App, peer: Peer, profile: &str) -> Response<Body> {
             &format!("profile {profile} allows it neither by allow_uids nor by allow_groups"),
         );
     }
-    // A key may have become ready since `ready_answer` looked.
-    if let Some(body) = app.broker.ready_body(profile) {
-        return json_response(StatusCode::OK, body);
-    }
+    // `get` answers a key that became ready since `ready_answer` looked, without waiting.
     let Some(slot) = app.broker.slot(profile) else {
         return unknown_profile(profile);
     };
