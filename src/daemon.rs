@@ -94,7 +94,6 @@ pub fn start(
     listener
         .set_nonblocking(true)
         .map_err(DaemonError::Listener)?;
-    let listener = tokio::net::UnixListener::from_std(listener).map_err(DaemonError::Listener)?;
     let mut listeners = vec![Listener::Socket(listener)];
     let mut container = None;
     if let Some(addr) = options.container_listen {

@@ -1,6 +1,8 @@
-//! The Unix-socket HTTP API (DESIGN.md §4): hyper over tokio's `UnixListener`, peer
-//! credentials checked per profile before anything is served.
+//! The Unix-socket HTTP API (DESIGN.md §4): acceptor threads that answer ready keys at once
+//! ([`acceptor`]), hyper on tokio for everything else; peer credentials checked per profile
+//! before anything is served.
 
+mod acceptor;
 pub mod container;
 mod socket;
 
@@ -13,7 +15,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
@@ -77,8 +79,8 @@ pub struct App {
 /// A listening endpoint: the Unix socket, or the loopback container endpoint.
 #[derive(Debug)]
 pub enum Listener {
-    /// The Unix-socket API; peers are identified by SO_PEERCRED.
-    Socket(UnixListener),
+    /// The Unix-socket API (a non-blocking listener); peers are identified by SO_PEERCRED.
+    Socket(std::os::unix::net::UnixListener),
     /// The container-credentials endpoint; peers present a token.
     Container(TcpListener),
 }
@@ -90,31 +92,65 @@ enum Route {
     Container,
 }
 
-/// Accepts one connection. `Ok(None)`: the connection was refused (no peer credentials).
-async fn accept(
-    listener: &Listener,
-) -> std::io::Result<Option<(Either<UnixStream, TcpStream>, Route)>> {
-    match listener {
-        Listener::Socket(l) => {
-            let (stream, _) = l.accept().await?;
-            match stream.peer_cred() {
-                Ok(c) => Ok(Some((
-                    Either::Left(stream),
-                    Route::Socket(Peer {
-                        uid: c.uid(),
-                        gid: c.gid(),
-                    }),
-                ))),
-                Err(e) => {
-                    tracing::warn!(error = %e, "no peer credentials; closing the connection");
-                    Ok(None)
-                }
+/// Where connections come from: the acceptor threads (which answer what they can and hand
+/// over the rest), or the container endpoint's listener.
+enum Connections {
+    Threads(
+        acceptor::Acceptors,
+        tokio::sync::mpsc::UnboundedReceiver<acceptor::Handoff>,
+    ),
+    Tcp(TcpListener),
+}
+
+/// A connection for hyper: the bytes an acceptor thread already read, then the stream.
+type Stream = Conn<Either<UnixStream, TcpStream>>;
+
+impl Connections {
+    fn start(listener: Listener, app: &Arc<App>) -> std::io::Result<Connections> {
+        match listener {
+            Listener::Socket(l) => {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                let threads = std::thread::available_parallelism()
+                    .map_or(2, |n| n.get())
+                    .clamp(1, acceptor::MAX_THREADS);
+                let acceptors = acceptor::Acceptors::start(l, Arc::clone(app), tx, threads)?;
+                Ok(Connections::Threads(acceptors, rx))
+            }
+            Listener::Container(l) => Ok(Connections::Tcp(l)),
+        }
+    }
+
+    /// The next connection for hyper. `Ok(None)`: there will be no more (the acceptor threads
+    /// are gone, which only a bug can do).
+    async fn next(&mut self) -> std::io::Result<Option<(Stream, Route)>> {
+        match self {
+            Connections::Threads(_, rx) => {
+                let Some(h) = rx.recv().await else {
+                    return Ok(None);
+                };
+                let stream = UnixStream::from_std(h.stream)?;
+                Ok(Some((
+                    Conn::new(h.read, Either::Left(stream)),
+                    Route::Socket(h.peer),
+                )))
+            }
+            Connections::Tcp(l) => {
+                let (stream, _) = l.accept().await?;
+                let _ = stream.set_nodelay(true);
+                Ok(Some((
+                    Conn::new(Bytes::new(), Either::Right(stream)),
+                    Route::Container,
+                )))
             }
         }
-        Listener::Container(l) => {
-            let (stream, _) = l.accept().await?;
-            let _ = stream.set_nodelay(true);
-            Ok(Some((Either::Right(stream), Route::Container)))
+    }
+
+    /// Stops accepting: the threads are joined, and what they handed over and hyper has not
+    /// taken yet is closed.
+    async fn stop(self) {
+        if let Connections::Threads(mut acceptors, rx) = self {
+            let _ = tokio::task::spawn_blocking(move || acceptors.stop()).await;
+            drop(rx);
         }
     }
 }
@@ -435,29 +471,45 @@ fn status_body(app: &App) -> Bytes {
     Bytes::from(body.to_string() + "\n")
 }
 
-/// A connection whose end is its `close()` on drop, without a `shutdown()` first: hyper shuts
-/// the write side down before dropping a finished connection, and the close that follows
-/// tells the peer the same (end of stream after the last byte written). One system call less
-/// per connection, which is a tenth of the work for clients that connect once per request.
-struct CloseOnDrop<S>(S);
+/// A connection for hyper: first the bytes an acceptor thread read and did not answer, then
+/// the stream.
+///
+/// Its end is its `close()` on drop, without a `shutdown()` first: hyper shuts the write side
+/// down before dropping a finished connection, and the close that follows tells the peer the
+/// same (end of stream after the last byte written). One system call less per connection.
+struct Conn<S> {
+    replay: Bytes,
+    io: S,
+}
 
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CloseOnDrop<S> {
+impl<S> Conn<S> {
+    fn new(replay: Bytes, io: S) -> Self {
+        Conn { replay, io }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Conn<S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+        if !self.replay.is_empty() {
+            let n = self.replay.len().min(buf.remaining());
+            buf.put_slice(&self.replay.split_to(n));
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CloseOnDrop<S> {
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Conn<S> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -465,18 +517,18 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CloseOnDrop<S> 
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(
@@ -493,6 +545,13 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Serves `listener` until `stop` fires, then stops accepting and drains open connections for
 /// at most `drain`.
 pub async fn serve(listener: Listener, app: Arc<App>, stop: CancellationToken, drain: Duration) {
+    let mut connections = match Connections::start(listener, &app) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the acceptor threads; not serving the socket");
+            return;
+        }
+    };
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -501,9 +560,12 @@ pub async fn serve(listener: Listener, app: Arc<App>, stop: CancellationToken, d
     loop {
         let (stream, route) = tokio::select! {
             _ = stop.cancelled() => break,
-            accepted = accept(&listener) => match accepted {
+            accepted = connections.next() => match accepted {
                 Ok(Some(conn)) => conn,
-                Ok(None) => continue,
+                Ok(None) => {
+                    tracing::error!("the acceptor threads are gone; no longer serving the socket");
+                    break;
+                }
                 Err(e) => {
                     // EMFILE and friends: wait a little instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -542,14 +604,14 @@ pub async fn serve(listener: Listener, app: Arc<App>, stop: CancellationToken, d
                 Ok::<_, Infallible>(resp)
             }
         });
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(CloseOnDrop(stream)), svc));
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
     }
-    drop(listener);
+    connections.stop().await;
     if tokio::time::timeout(drain, graceful.shutdown())
         .await
         .is_err()

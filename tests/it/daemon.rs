@@ -159,6 +159,102 @@ async fn cold_burst_of_500_requests_mints_once() {
     assert!(fake.live().is_empty());
 }
 
+/// Bytes a client writes, after a pause (ms).
+type Write<'a> = (u64, &'a str);
+
+/// What the socket answers to `writes` (each after its pause) on one raw connection, read to
+/// its end, with the `date` header's value replaced by `X`.
+fn raw_exchange(socket: &std::path::Path, writes: &[Write]) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    for (pause_ms, bytes) in writes {
+        std::thread::sleep(Duration::from_millis(*pause_ms));
+        conn.write_all(bytes.as_bytes()).unwrap();
+    }
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    let mut out = String::new();
+    let mut rest = answer.as_str();
+    while let Some(at) = rest.find("\r\ndate: ") {
+        let value = at + "\r\ndate: ".len();
+        out.push_str(&rest[..value]);
+        out.push('X');
+        rest = &rest[value + "Tue, 24 Nov 2026 04:36:43 GMT".len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The socket answers a ready key alike whichever way a request arrives: in one write, split
+/// across writes, after the client waited, pipelined on a kept-alive connection, as HEAD, as
+/// HTTP/1.0 or with a query. (Complete requests are answered by the acceptor threads, the
+/// others by hyper; both give these bytes.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_answers_every_request_shape_alike() {
+    let (_env, fake, mut daemon) = setup("", &[("p", "")], "info").await;
+    let socket = daemon.socket.clone();
+    let (status, _, key) = get(&socket, "/v1/credentials/p").await;
+    assert_eq!(status, 200);
+    let key = String::from_utf8(key.to_vec()).unwrap();
+    let head = |version: &str, close: &str| {
+        format!(
+            "HTTP/{version} 200 OK\r\ncontent-type: application/json\r\ncache-control: no-store\r\n{close}content-length: {}\r\ndate: X\r\n\r\n",
+            key.len()
+        )
+    };
+    let closing = head("1.1", "connection: close\r\n") + &key;
+    let kept = head("1.1", "") + &key;
+    let get_close = "GET /v1/credentials/p HTTP/1.1\r\nHost: k\r\nConnection: close\r\n\r\n";
+    let get_kept = "GET /v1/credentials/p HTTP/1.1\r\nHost: k\r\n\r\n";
+    let pipelined = format!("{get_kept}{get_kept}");
+    let cases: Vec<(&str, Vec<Write>, String)> = vec![
+        ("one write", vec![(0, get_close)], closing.clone()),
+        (
+            "HEAD",
+            vec![(0, "HEAD /v1/credentials/p HTTP/1.1\r\nConnection: close\r\n\r\n")],
+            head("1.1", "connection: close\r\n"),
+        ),
+        (
+            "split mid-header",
+            vec![
+                (0, "GET /v1/credentials/p HTTP/1.1\r\nHo"),
+                (50, "st: k\r\nConnection: close\r\n\r\n"),
+            ],
+            closing.clone(),
+        ),
+        ("sent 50 ms after the connect", vec![(50, get_close)], closing.clone()),
+        (
+            "kept alive: two pipelined, then one more",
+            vec![(0, &pipelined), (50, get_close)],
+            format!("{kept}{kept}{closing}"),
+        ),
+        (
+            "kept alive: then another path",
+            vec![(0, get_kept), (50, "GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")],
+            format!("{kept}HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nconnection: close\r\ncontent-length: 3\r\ndate: X\r\n\r\nok\n"),
+        ),
+        (
+            "HTTP/1.0",
+            vec![(0, "GET /v1/credentials/p HTTP/1.0\r\n\r\n")],
+            head("1.0", "") + &key,
+        ),
+        (
+            "a query",
+            vec![(0, "GET /v1/credentials/p?x=1 HTTP/1.1\r\nConnection: close\r\n\r\n")],
+            closing.clone(),
+        ),
+    ];
+    for (what, writes, want) in cases {
+        let got = tokio::task::block_in_place(|| raw_exchange(&socket, &writes));
+        assert_eq!(got, want, "{what}");
+    }
+    let (status, _) = stop(&mut daemon, Duration::from_secs(25));
+    assert!(status.success());
+    assert!(fake.live().is_empty());
+}
+
 /// A daemon with three prewarmed profiles, each holding a live key at the fake.
 async fn three_prewarmed_profiles(shutdown_timeout: &str) -> (Env, Arc<FakeCloud>, Daemon) {
     let server = format!("shutdown_timeout = \"{shutdown_timeout}\"");
