@@ -33,7 +33,7 @@ pub enum DaemonError {
     /// The socket could not be bound.
     #[error(transparent)]
     Bind(#[from] server::BindError),
-    /// The tokio listener could not be registered.
+    /// The socket could not be served (made non-blocking, registered, its threads started).
     #[error("socket: {0}")]
     Listener(std::io::Error),
     /// The container endpoint could not listen.
@@ -121,7 +121,7 @@ pub fn start(
         tracing::info!(listen = %addr, tokens = %dir.display(), "container endpoint");
         listeners.push(Listener::Container(tcp));
     }
-    let broker = Arc::new(Broker::start(profiles, options.broker));
+    let broker = Arc::new(Broker::start(Vec::new(), options.broker));
     let app = Arc::new(App {
         broker: Arc::clone(&broker),
         access: arc_swap::ArcSwap::from_pointee(options.access),
@@ -130,17 +130,16 @@ pub fn start(
     });
     let stop_server = CancellationToken::new();
     let drain = server::DRAIN_TIMEOUT.min(options.shutdown_timeout / 4);
-    let servers = listeners
-        .into_iter()
-        .map(|l| {
-            tokio::spawn(server::serve(
-                l,
-                Arc::clone(&app),
-                stop_server.clone(),
-                drain,
-            ))
-        })
-        .collect();
+    // The servers start before any profile does: if one cannot, nothing has been minted.
+    let mut servers = Vec::with_capacity(listeners.len());
+    for l in listeners {
+        let server = server::serve(l, Arc::clone(&app), stop_server.clone(), drain)
+            .map_err(DaemonError::Listener)?;
+        servers.push(tokio::spawn(server));
+    }
+    for spec in profiles {
+        broker.add(spec);
+    }
     Ok(Running {
         broker,
         app,

@@ -20,12 +20,12 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use rustix::event::{EventfdFlags, PollFd, PollFlags};
 use rustix::io::Errno;
-use rustix::net::{RecvFlags, SocketFlags};
+use rustix::net::{RecvFlags, SendFlags, SocketFlags};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::{App, Peer, Route};
@@ -56,6 +56,11 @@ const REQUEST_WAIT: rustix::event::Timespec = rustix::event::Timespec {
     tv_nsec: 1_000_000,
 };
 
+/// After a wait for a request ran out, how long a thread hands new connections over without
+/// waiting: clients that connect and send nothing cost at most one wait per thread in this
+/// time, whatever their number.
+const WAIT_BACKOFF: Duration = Duration::from_millis(100);
+
 /// Headers parsed, at most; a request with more is handed to hyper.
 const MAX_HEADERS: usize = 32;
 
@@ -67,13 +72,15 @@ pub(super) struct Acceptors {
 }
 
 impl Acceptors {
-    /// Starts `count` threads accepting on `listener` (which must be non-blocking).
+    /// Starts `count` threads accepting on `listener`.
     pub fn start(
         listener: UnixListener,
         app: Arc<App>,
         handoff: UnboundedSender<Handoff>,
         count: usize,
     ) -> io::Result<Acceptors> {
+        // A blocking accept would not see the stop.
+        listener.set_nonblocking(true)?;
         let stopping = Arc::new(AtomicBool::new(false));
         let wake = Arc::new(rustix::event::eventfd(
             0,
@@ -141,7 +148,15 @@ impl Worker {
         let mut conn = Buffers::new();
         while !self.stopping.load(Ordering::Relaxed) {
             match rustix::net::accept_with(&*self.listener, SocketFlags::CLOEXEC) {
-                Ok(fd) => self.serve(&mut conn, UnixStream::from(fd)),
+                Ok(fd) => {
+                    // A bug that panics loses its connection, not the thread.
+                    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        self.serve(&mut conn, UnixStream::from(fd))
+                    }));
+                    if served.is_err() {
+                        conn = Buffers::new();
+                    }
+                }
                 Err(Errno::AGAIN) => {
                     let mut fds = [
                         PollFd::new(&*self.listener, PollFlags::IN),
@@ -247,7 +262,13 @@ fn parse(read: &[u8]) -> Option<Request<'_>> {
     }
     let path = req.path?;
     let profile = path.strip_prefix("/v1/credentials/")?;
-    if profile.is_empty() || profile.contains(['?', '#']) {
+    // Profile names are `[A-Za-z0-9_.-]+` (config.rs); anything else, a query included, is
+    // hyper's to answer (a 404, or a 400 for what it rejects).
+    if profile.is_empty()
+        || !profile
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+    {
         return None;
     }
     let mut close = false;
@@ -260,6 +281,10 @@ fn parse(read: &[u8]) -> Option<Request<'_>> {
             return None;
         }
         if name.eq_ignore_ascii_case("connection") {
+            if !h.value.is_ascii() {
+                // hyper does not read such a value at all.
+                return None;
+            }
             // As hyper reads it: any comma-separated token `close`.
             close |= h
                 .value
@@ -294,6 +319,8 @@ struct Buffers {
     read: Vec<u8>,
     head: Vec<u8>,
     date: HttpDate,
+    /// When a wait for a request last ran out: the next [`WAIT_BACKOFF`] get no wait.
+    waited_in_vain: Option<Instant>,
 }
 
 impl Buffers {
@@ -302,6 +329,7 @@ impl Buffers {
             read: vec![0; READ_BUF],
             head: Vec::with_capacity(256),
             date: HttpDate::default(),
+            waited_in_vain: None,
         }
     }
 
@@ -314,8 +342,17 @@ impl Buffers {
         peer: Peer,
         ready: impl FnOnce(&str) -> Option<Bytes>,
     ) -> Outcome<'_> {
-        let Some(n) = read_request(&stream, &mut self.read) else {
-            return Outcome::Closed;
+        let wait = self
+            .waited_in_vain
+            .is_none_or(|at| at.elapsed() >= WAIT_BACKOFF);
+        let n = match read_request(&stream, &mut self.read, wait) {
+            Read::Bytes(n) => n,
+            Read::Nothing => 0,
+            Read::NothingInTime => {
+                self.waited_in_vain = Some(Instant::now());
+                0
+            }
+            Read::Gone => return Outcome::Closed,
         };
         let read = &self.read[..n];
         let Some((request, body)) =
@@ -324,12 +361,8 @@ impl Buffers {
             return hand_off(stream, peer, read);
         };
         render_head(&mut self.head, body.len(), request.close, self.date.now());
-        let sent = if request.head {
-            (&stream).write_all(&self.head)
-        } else {
-            write_all_vectored(&stream, &self.head, &body)
-        };
-        if sent.is_err() {
+        let body = if request.head { &[][..] } else { &body[..] };
+        if !send_all_now(&stream, &self.head, body) {
             return Outcome::Closed;
         }
         let handoff = if request.close {
@@ -344,26 +377,38 @@ impl Buffers {
     }
 }
 
-/// Reads what the peer has sent, waiting at most [`REQUEST_WAIT`] for a first byte: a client
-/// writes its request just after it connects, and a thread woken by the connect often reads
-/// before the request is there. Waiting here costs a `poll`; handing the connection over
-/// costs the runtime's whole path. `None`: the peer has gone, or sent nothing to answer.
-fn read_request(stream: &UnixStream, buf: &mut [u8]) -> Option<usize> {
+/// What [`read_request`] got.
+enum Read {
+    /// This many bytes.
+    Bytes(usize),
+    /// Nothing yet, and it did not wait.
+    Nothing,
+    /// Nothing within [`REQUEST_WAIT`].
+    NothingInTime,
+    /// The peer has gone.
+    Gone,
+}
+
+/// Reads what the peer has sent, waiting at most [`REQUEST_WAIT`] for a first byte when `wait`:
+/// a client writes its request just after it connects, and a thread woken by the connect often
+/// reads before the request is there. Waiting here costs a `poll`; handing the connection over
+/// costs the runtime's whole path.
+fn read_request(stream: &UnixStream, buf: &mut [u8], wait: bool) -> Read {
     let recv = |buf: &mut [u8]| match rustix::net::recv(stream, buf, RecvFlags::DONTWAIT) {
-        Ok((0, _)) => None,
-        Ok((n, _)) => Some(n),
-        Err(Errno::AGAIN) => Some(0),
-        Err(_) => None,
+        Ok((0, _)) => Read::Gone,
+        Ok((n, _)) => Read::Bytes(n),
+        Err(Errno::AGAIN) => Read::Nothing,
+        Err(_) => Read::Gone,
     };
-    match recv(buf)? {
-        0 => {
+    match recv(buf) {
+        Read::Nothing if wait => {
             let mut fd = [PollFd::new(stream, PollFlags::IN)];
             match rustix::event::poll(&mut fd, Some(&REQUEST_WAIT)) {
                 Ok(1) => recv(buf),
-                _ => Some(0),
+                _ => Read::NothingInTime,
             }
         }
-        n => Some(n),
+        read => read,
     }
 }
 
@@ -378,15 +423,18 @@ fn hand_off(stream: UnixStream, peer: Peer, read: &[u8]) -> Outcome<'static> {
     })
 }
 
-/// Writes `head` then `body`, with one `writev` when the socket takes both at once.
-fn write_all_vectored(mut stream: &UnixStream, head: &[u8], body: &[u8]) -> io::Result<()> {
-    let n = stream.write_vectored(&[IoSlice::new(head), IoSlice::new(body)])?;
-    if n < head.len() {
-        stream.write_all(&head[n..])?;
-        stream.write_all(body)
-    } else {
-        stream.write_all(&body[n - head.len()..])
-    }
+/// Writes `head` then `body` with one `sendmsg` that does not wait. A new connection's send
+/// buffer takes an answer whole (a few hundred bytes against the default 208 KiB), so this
+/// only fails when the peer has gone; a peer that does not read cannot hold the thread.
+fn send_all_now(stream: &UnixStream, head: &[u8], body: &[u8]) -> bool {
+    let total = head.len() + body.len();
+    let sent = rustix::net::sendmsg(
+        stream,
+        &[IoSlice::new(head), IoSlice::new(body)],
+        &mut rustix::net::SendAncillaryBuffer::default(),
+        SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
+    );
+    sent == Ok(total)
 }
 
 /// The head hyper writes for [`super::json_response`] with a 200: the same headers in the
@@ -476,6 +524,10 @@ mod tests {
             b"GET /v1/credentials/p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"GET /v1/credentials/p HTTP/1.1\r\nUpgrade: h2c\r\n\r\n",
             b"GET /v1/credentials/p HTTP/1.1\r\nBad Header: x\r\n\r\n",
+            b"GET /v1/credentials/p HTTP/1.1\r\nConnection: close, \x80\r\n\r\n",
+            b"GET /v1/credentials/a<b HTTP/1.1\r\n\r\n",
+            b"GET /v1/credentials/p/x HTTP/1.1\r\n\r\n",
+            b"GET /v1/credentials/%70 HTTP/1.1\r\n\r\n",
             b"",
         ] {
             assert_eq!(parse(hyper_s), None, "{}", String::from_utf8_lossy(hyper_s));
@@ -584,13 +636,25 @@ mod tests {
             b"GET /v1/status HTTP/1.1\r\n\r\n"
         );
 
-        let (server, client) = UnixStream::pair().unwrap();
+        // A connection with nothing sent goes to hyper after the wait; for a while after,
+        // such connections go without a wait, and requests already sent are still answered.
         let mut conn = Buffers::new();
         let peer = Peer { uid: 1, gid: 1 };
+        let (server, _client) = UnixStream::pair().unwrap();
         match conn.serve(server, peer, |_| unreachable!("nothing was asked")) {
             Outcome::HandOff(h) => assert!(h.read.is_empty()),
             _ => panic!("a connection with nothing sent yet goes to hyper"),
         }
-        drop(client);
+        let waited = conn.waited_in_vain.expect("the wait ran out");
+        let (server, _client) = UnixStream::pair().unwrap();
+        assert!(matches!(
+            conn.serve(server, peer, |_| unreachable!()),
+            Outcome::HandOff(_)
+        ));
+        assert_eq!(conn.waited_in_vain, Some(waited), "no second wait");
+        let (server, mut client) = UnixStream::pair().unwrap();
+        client.write_all(cold).unwrap();
+        let answered = conn.serve(server, peer, |_| Some(Bytes::from_static(BODY)));
+        assert!(matches!(answered, Outcome::Answered { .. }));
     }
 }

@@ -145,13 +145,24 @@ impl Connections {
         }
     }
 
-    /// Stops accepting: the threads are joined, and what they handed over and hyper has not
-    /// taken yet is closed.
-    async fn stop(self) {
-        if let Connections::Threads(mut acceptors, rx) = self {
+    /// Stops accepting: the threads are joined. Returns the connections they handed over
+    /// that hyper has not taken yet.
+    async fn stop(self) -> Vec<(Stream, Route)> {
+        let mut accepted = Vec::new();
+        if let Connections::Threads(mut acceptors, mut rx) = self {
             let _ = tokio::task::spawn_blocking(move || acceptors.stop()).await;
-            drop(rx);
+            // The threads held the only senders: this ends.
+            while let Some(h) = rx.recv().await {
+                match UnixStream::from_std(h.stream) {
+                    Ok(stream) => accepted.push((
+                        Conn::new(h.read, Either::Left(stream)),
+                        Route::Socket(h.peer),
+                    )),
+                    Err(e) => tracing::warn!(error = %e, "cannot serve a connection"),
+                }
+            }
         }
+        accepted
     }
 }
 
@@ -542,16 +553,25 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Conn<S> {
 /// How long a stopping server waits for in-flight requests.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serves `listener` until `stop` fires, then stops accepting and drains open connections for
-/// at most `drain`.
-pub async fn serve(listener: Listener, app: Arc<App>, stop: CancellationToken, drain: Duration) {
-    let mut connections = match Connections::start(listener, &app) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the acceptor threads; not serving the socket");
-            return;
-        }
-    };
+/// Starts serving `listener`: the acceptor threads start here, so that a failure is the
+/// caller's to report. The future serves until `stop` fires, then stops accepting, answers
+/// what was accepted, and drains open connections for at most `drain`.
+pub fn serve(
+    listener: Listener,
+    app: Arc<App>,
+    stop: CancellationToken,
+    drain: Duration,
+) -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    let connections = Connections::start(listener, &app)?;
+    Ok(run(connections, app, stop, drain))
+}
+
+async fn run(
+    mut connections: Connections,
+    app: Arc<App>,
+    stop: CancellationToken,
+    drain: Duration,
+) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -574,51 +594,73 @@ pub async fn serve(listener: Listener, app: Arc<App>, stop: CancellationToken, d
                 }
             },
         };
-        let app = Arc::clone(&app);
-        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let app = Arc::clone(&app);
-            async move {
-                // The socket's handler takes the request, so what the log line needs is kept
-                // first, and only when it will be written.
-                let logged = tracing::enabled!(tracing::Level::DEBUG)
-                    .then(|| (req.method().clone(), req.uri().path().to_owned()));
-                // A ready key is answered without awaiting anything. Every other answer (a
-                // mint to wait for, the admin calls) is a large future: boxed, so that the
-                // future hyper keeps per connection, and moves per request, stays small.
-                let resp = match (route, &app.container) {
-                    (Route::Socket(peer), _) => match ready_answer(&app, peer, &req) {
-                        Some(resp) => resp,
-                        None => Box::pin(handle(&app, peer, req)).await,
-                    },
-                    (Route::Container, Some(tokens)) => {
-                        Box::pin(container::handle(&app, tokens, &req)).await
-                    }
-                    (Route::Container, None) => {
-                        unreachable!("the container listener exists only with its tokens")
-                    }
-                };
-                app.requests.record(resp.status().as_u16());
-                if let Some((method, path)) = logged {
-                    tracing::debug!(%method, path, status = resp.status().as_u16(), ?route, "request");
-                }
-                Ok::<_, Infallible>(resp)
-            }
-        });
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
+        let conn =
+            graceful.watch(http.serve_connection(TokioIo::new(stream), service(&app, route)));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
     }
-    connections.stop().await;
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    // Connections the threads accepted and handed over as the stop came get their one answer
+    // (hyper would close them unread if they were watched: they are idle until read).
+    let accepted = connections.stop().await;
+    http.keep_alive(false);
+    let mut last = tokio::task::JoinSet::new();
+    for (stream, route) in accepted {
+        last.spawn(http.serve_connection(TokioIo::new(stream), service(&app, route)));
+    }
+    let drained = async {
+        graceful.shutdown().await;
+        while last.join_next().await.is_some() {}
+    };
+    if tokio::time::timeout(drain, drained).await.is_err() {
         tracing::warn!(
             "connections still open after {}s; closing them",
             drain.as_secs()
         );
     }
+}
+
+/// hyper's service for a connection on `route`.
+fn service(
+    app: &Arc<App>,
+    route: Route,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future: Send + 'static,
+> + Send
+       + 'static {
+    let app = Arc::clone(app);
+    hyper::service::service_fn(move |req: Request<Incoming>| {
+        let app = Arc::clone(&app);
+        async move {
+            // The socket's handler takes the request, so what the log line needs is kept
+            // first, and only when it will be written.
+            let logged = tracing::enabled!(tracing::Level::DEBUG)
+                .then(|| (req.method().clone(), req.uri().path().to_owned()));
+            // A ready key is answered without awaiting anything. Every other answer (a
+            // mint to wait for, the admin calls) is a large future: boxed, so that the
+            // future hyper keeps per connection, and moves per request, stays small.
+            let resp = match (route, &app.container) {
+                (Route::Socket(peer), _) => match ready_answer(&app, peer, &req) {
+                    Some(resp) => resp,
+                    None => Box::pin(handle(&app, peer, req)).await,
+                },
+                (Route::Container, Some(tokens)) => {
+                    Box::pin(container::handle(&app, tokens, &req)).await
+                }
+                (Route::Container, None) => {
+                    unreachable!("the container listener exists only with its tokens")
+                }
+            };
+            app.requests.record(resp.status().as_u16());
+            if let Some((method, path)) = logged {
+                tracing::debug!(%method, path, status = resp.status().as_u16(), ?route, "request");
+            }
+            Ok::<_, Infallible>(resp)
+        }
+    })
 }
