@@ -56,10 +56,14 @@ const REQUEST_WAIT: rustix::event::Timespec = rustix::event::Timespec {
     tv_nsec: 1_000_000,
 };
 
-/// After a wait for a request ran out, how long a thread hands new connections over without
-/// waiting: clients that connect and send nothing cost at most one wait per thread in this
-/// time, whatever their number.
+/// After [`VAIN_WAITS`] waits for a request ran out in a row, how long a thread hands new
+/// connections over without waiting: clients that connect and send nothing cost a thread at
+/// most that many waits in this time, whatever their number. (A busy client that is slow to
+/// write now and then, as a load generator on two cores is, breaks no run.)
 const WAIT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Waits that run out in a row before [`WAIT_BACKOFF`].
+const VAIN_WAITS: u32 = 3;
 
 /// Headers parsed, at most; a request with more is handed to hyper.
 const MAX_HEADERS: usize = 32;
@@ -319,8 +323,10 @@ struct Buffers {
     read: Vec<u8>,
     head: Vec<u8>,
     date: HttpDate,
-    /// When a wait for a request last ran out: the next [`WAIT_BACKOFF`] get no wait.
-    waited_in_vain: Option<Instant>,
+    /// Waits for a request that ran out, one after another.
+    waited_in_vain: u32,
+    /// Until when new connections get no wait.
+    no_wait_until: Option<Instant>,
 }
 
 impl Buffers {
@@ -329,7 +335,8 @@ impl Buffers {
             read: vec![0; READ_BUF],
             head: Vec::with_capacity(256),
             date: HttpDate::default(),
-            waited_in_vain: None,
+            waited_in_vain: 0,
+            no_wait_until: None,
         }
     }
 
@@ -342,14 +349,26 @@ impl Buffers {
         peer: Peer,
         ready: impl FnOnce(&str) -> Option<Bytes>,
     ) -> Outcome<'_> {
-        let wait = self
-            .waited_in_vain
-            .is_none_or(|at| at.elapsed() >= WAIT_BACKOFF);
+        let wait = match self.no_wait_until {
+            Some(until) if Instant::now() < until => false,
+            Some(_) => {
+                self.no_wait_until = None;
+                true
+            }
+            None => true,
+        };
         let n = match read_request(&stream, &mut self.read, wait) {
-            Read::Bytes(n) => n,
+            Read::Bytes(n) => {
+                self.waited_in_vain = 0;
+                n
+            }
             Read::Nothing => 0,
             Read::NothingInTime => {
-                self.waited_in_vain = Some(Instant::now());
+                self.waited_in_vain += 1;
+                if self.waited_in_vain >= VAIN_WAITS {
+                    self.waited_in_vain = 0;
+                    self.no_wait_until = Some(Instant::now() + WAIT_BACKOFF);
+                }
                 0
             }
             Read::Gone => return Outcome::Closed,
@@ -636,8 +655,10 @@ mod tests {
             b"GET /v1/status HTTP/1.1\r\n\r\n"
         );
 
-        // A connection with nothing sent goes to hyper after the wait; for a while after,
-        // such connections go without a wait, and requests already sent are still answered.
+        // A connection with nothing sent goes to hyper after the wait; after a few such waits
+        // in a row, connections go without a wait for a while, and requests already sent are
+        // still answered.
+
         let mut conn = Buffers::new();
         let peer = Peer { uid: 1, gid: 1 };
         let (server, _client) = UnixStream::pair().unwrap();
@@ -645,13 +666,22 @@ mod tests {
             Outcome::HandOff(h) => assert!(h.read.is_empty()),
             _ => panic!("a connection with nothing sent yet goes to hyper"),
         }
-        let waited = conn.waited_in_vain.expect("the wait ran out");
+        assert_eq!(conn.waited_in_vain, 1);
+        for _ in 1..VAIN_WAITS {
+            let (server, _client) = UnixStream::pair().unwrap();
+            assert!(matches!(
+                conn.serve(server, peer, |_| unreachable!()),
+                Outcome::HandOff(_)
+            ));
+        }
+        let until = conn.no_wait_until.expect("no waits for a while");
         let (server, _client) = UnixStream::pair().unwrap();
         assert!(matches!(
             conn.serve(server, peer, |_| unreachable!()),
             Outcome::HandOff(_)
         ));
-        assert_eq!(conn.waited_in_vain, Some(waited), "no second wait");
+        assert_eq!(conn.waited_in_vain, 0, "no wait, so none in vain");
+        assert_eq!(conn.no_wait_until, Some(until));
         let (server, mut client) = UnixStream::pair().unwrap();
         client.write_all(cold).unwrap();
         let answered = conn.serve(server, peer, |_| Some(Bytes::from_static(BODY)));
