@@ -250,8 +250,18 @@ async fn the_socket_answers_every_request_shape_alike() {
         let got = tokio::task::block_in_place(|| raw_exchange(&socket, &writes));
         assert_eq!(got, want, "{what}");
     }
-    let (status, _) = stop(&mut daemon, Duration::from_secs(25));
+    // A client that connected and sent nothing holds up no stop: it is closed at once.
+    let mut idle = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let (status, took) = stop(&mut daemon, Duration::from_secs(25));
     assert!(status.success());
+    assert!(
+        took < keybroker::server::DRAIN_TIMEOUT,
+        "an idle connection held the stop for {took:?}"
+    );
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut idle, &mut rest).unwrap();
+    assert!(rest.is_empty(), "closed without an answer");
     assert!(fake.live().is_empty());
 }
 
