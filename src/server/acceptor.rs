@@ -70,8 +70,11 @@ const MAX_HEADERS: usize = 32;
 
 /// The threads, and what stops them.
 pub(super) struct Acceptors {
+    /// Set at stop; a busy thread sees it between connections.
     stopping: Arc<AtomicBool>,
+    /// An eventfd written at stop; an idle thread sees it in its `poll`.
     wake: Arc<OwnedFd>,
+    /// Joined at stop.
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -140,10 +143,15 @@ impl Drop for Acceptors {
 
 /// One acceptor thread.
 struct Worker {
+    /// The socket's listener, shared by the threads (non-blocking).
     listener: Arc<UnixListener>,
+    /// See [`Acceptors::stopping`].
     stopping: Arc<AtomicBool>,
+    /// See [`Acceptors::wake`].
     wake: Arc<OwnedFd>,
+    /// Keys, access rules and the answer counts.
     app: Arc<App>,
+    /// Where connections for hyper go.
     handoff: UnboundedSender<Handoff>,
 }
 
@@ -320,8 +328,11 @@ enum Outcome<'a> {
 
 /// A thread's buffers, reused for every connection: answering allocates nothing.
 struct Buffers {
+    /// A new connection's first bytes.
     read: Vec<u8>,
+    /// The answer's status line and headers.
     head: Vec<u8>,
+    /// The `date` header's value.
     date: HttpDate,
     /// Waits for a request that ran out, one after another.
     waited_in_vain: u32,
@@ -474,7 +485,9 @@ fn render_head(out: &mut Vec<u8>, content_length: usize, close: bool, date: &[u8
 /// The `date` header's value (IMF-fixdate), formatted once a second.
 #[derive(Default)]
 struct HttpDate {
+    /// The Unix second `text` was formatted for.
     second: u64,
+    /// `Tue, 24 Nov 2026 04:36:43 GMT`.
     text: Vec<u8>,
 }
 

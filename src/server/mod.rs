@@ -95,10 +95,12 @@ enum Route {
 /// Where connections come from: the acceptor threads (which answer what they can and hand
 /// over the rest), or the container endpoint's listener.
 enum Connections {
+    /// The Unix socket: its acceptor threads, and what they hand over.
     Threads(
         acceptor::Acceptors,
         tokio::sync::mpsc::UnboundedReceiver<acceptor::Handoff>,
     ),
+    /// The container endpoint.
     Tcp(TcpListener),
 }
 
@@ -489,7 +491,9 @@ fn status_body(app: &App) -> Bytes {
 /// down before dropping a finished connection, and the close that follows tells the peer the
 /// same (end of stream after the last byte written). One system call less per connection.
 struct Conn<S> {
+    /// Read, not answered: hyper reads these first.
     replay: Bytes,
+    /// The connection.
     io: S,
 }
 
