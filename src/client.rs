@@ -173,8 +173,7 @@ fn parse(buf: &[u8]) -> Result<Option<Answer>, String> {
 /// Refuses a profile name that no config can hold (`[A-Za-z0-9_.-]`, DESIGN.md §3) before it
 /// goes into a request line.
 fn check_profile(profile: &str) -> Result<(), String> {
-    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
-    if !profile.is_empty() && profile.chars().all(ok) {
+    if crate::config::valid_profile_name(profile) {
         Ok(())
     } else {
         Err(format!(

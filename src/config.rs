@@ -345,7 +345,9 @@ fn server_config(loc: &Located<'_>, raw: Option<RawServer>) -> Result<ServerConf
 /// A provider-specific key: its name, where it was set, and the providers it belongs to.
 type ForeignKey = (&'static str, Option<Range<usize>>, &'static [ProviderKind]);
 
-fn valid_profile_name(name: &str) -> bool {
+/// Whether `name` can name a profile: `[A-Za-z0-9_.-]+`, so that it goes into a URL path and
+/// a request line as it is.
+pub fn valid_profile_name(name: &str) -> bool {
     !name.is_empty()
         && name
             .bytes()

@@ -91,9 +91,6 @@ pub fn start(
     options: Options,
 ) -> Result<Running, DaemonError> {
     let listener = socket.listener.try_clone().map_err(DaemonError::Listener)?;
-    listener
-        .set_nonblocking(true)
-        .map_err(DaemonError::Listener)?;
     let mut listeners = vec![Listener::Socket(listener)];
     let mut container = None;
     if let Some(addr) = options.container_listen {
@@ -449,6 +446,18 @@ pub async fn run(
     }
     heartbeat.cancel();
     Ok(running.stop().await)
+}
+
+/// The most threads of each kind the daemon runs (runtime workers, socket acceptors).
+const MAX_THREADS: usize = 4;
+
+/// Threads of each kind the daemon runs: one per core, at most [`MAX_THREADS`]. Serving
+/// pre-rendered bytes needs few: without a cap, a 128-core GPU node would get 128 of each, and
+/// their stacks, for a few requests a second.
+pub fn threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, MAX_THREADS)
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.

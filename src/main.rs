@@ -9,9 +9,6 @@ use clap::Parser;
 use keybroker::cli::{Cli, Command};
 use keybroker::{client, config, daemon, logging};
 
-/// The most runtime worker threads the daemon starts (see `serve`).
-const MAX_WORKERS: usize = 4;
-
 /// Bad usage or configuration (sysexits EX_USAGE).
 const EXIT_USAGE: u8 = 64;
 
@@ -217,12 +214,9 @@ fn serve(
     };
     let socket = config::resolve_socket(None, config.server.socket.as_deref());
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    // Serving pre-rendered bytes needs few threads: without a cap, a 128-core GPU node would
-    // get 128 workers, and their stacks, for a few requests a second. TOKIO_WORKER_THREADS
-    // still overrides.
+    // TOKIO_WORKER_THREADS still overrides.
     if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        builder.worker_threads(cores.clamp(1, MAX_WORKERS));
+        builder.worker_threads(daemon::threads());
     }
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,

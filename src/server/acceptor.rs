@@ -7,7 +7,7 @@
 //! So a few threads of their own accept, and answer what they can answer at once:
 //! a complete `GET` or `HEAD` of `/v1/credentials/{profile}` over HTTP/1.1, from a peer that
 //! may read the profile, whose key is ready. The answer is the bytes hyper would write
-//! (a unit test holds them to it), written with one `writev`.
+//! (a unit test holds them to it), written with one `sendmsg`.
 //!
 //! Everything else is handed to hyper on the runtime with the bytes already read: a request
 //! not wholly arrived, any other path or method, a profile with no ready key, a denied peer,
@@ -41,9 +41,6 @@ pub(super) struct Handoff {
     /// Bytes read and not answered.
     pub read: Bytes,
 }
-
-/// The most acceptor threads, whatever the core count (as for the runtime's workers).
-pub(super) const MAX_THREADS: usize = 4;
 
 /// The bytes a thread reads from a new connection, at most: hyper's first read is as large.
 const READ_BUF: usize = 8192;
@@ -204,20 +201,12 @@ impl Worker {
                 return;
             }
         };
-        let ready = |profile: &str| {
-            let body = self.app.broker.ready_body(profile)?;
-            self.app
-                .access
-                .load()
-                .may_read(profile, peer)
-                .then_some(body)
-        };
+        let ready = |profile: &str| self.app.readable_body(profile, peer);
         let handoff = match conn.serve(stream, peer, ready) {
             Outcome::Answered { request, handoff } => {
-                self.app.requests.record(200);
-                if tracing::enabled!(tracing::Level::DEBUG) {
-                    tracing::debug!(method = request.method(), path = request.path, status = 200, route = ?Route::Socket(peer), "request");
-                }
+                let logged = tracing::enabled!(tracing::Level::DEBUG)
+                    .then_some((request.method(), request.path));
+                self.app.answered(200, Route::Socket(peer), logged);
                 handoff
             }
             Outcome::HandOff(handoff) => Some(handoff),
@@ -277,11 +266,7 @@ fn parse(read: &[u8]) -> Option<Request<'_>> {
     let profile = path.strip_prefix("/v1/credentials/")?;
     // Profile names are `[A-Za-z0-9_.-]+` (config.rs); anything else, a query included, is
     // hyper's to answer (a 404, or a 400 for what it rejects).
-    if profile.is_empty()
-        || !profile
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
-    {
+    if !crate::config::valid_profile_name(profile) {
         return None;
     }
     let mut close = false;
@@ -377,9 +362,9 @@ impl Buffers {
         }
     }
 
-    /// Reads what `stream` has sent so far, without waiting, and answers it when it is a
-    /// request for a key `ready` gives (the profile's body, when it is ready and `peer` may
-    /// read it).
+    /// Reads what `stream` has sent (waiting for it within the budget, see [`read_request`]),
+    /// and answers it when it is a request for a key `ready` gives (the profile's body, when it
+    /// is ready and `peer` may read it).
     fn serve(
         &mut self,
         stream: UnixStream,
@@ -399,7 +384,7 @@ impl Buffers {
         let Some((request, body)) =
             parse(read).and_then(|r| ready(r.profile).map(|body| (r, body)))
         else {
-            return hand_off(stream, peer, read);
+            return hand_off(stream, peer, read).map_or(Outcome::Closed, Outcome::HandOff);
         };
         render_head(&mut self.head, body.len(), request.close, self.date.now());
         let body = if request.head { &[][..] } else { &body[..] };
@@ -409,10 +394,7 @@ impl Buffers {
         let handoff = if request.close {
             None
         } else {
-            match hand_off(stream, peer, &read[request.len..]) {
-                Outcome::HandOff(h) => Some(h),
-                _ => None,
-            }
+            hand_off(stream, peer, &read[request.len..])
         };
         Outcome::Answered { request, handoff }
     }
@@ -453,11 +435,11 @@ fn read_request(stream: &UnixStream, buf: &mut [u8], wait: bool) -> Read {
     }
 }
 
-fn hand_off(stream: UnixStream, peer: Peer, read: &[u8]) -> Outcome<'static> {
-    if stream.set_nonblocking(true).is_err() {
-        return Outcome::Closed;
-    }
-    Outcome::HandOff(Handoff {
+/// `stream` made ready for the runtime, with the bytes `read` from it; `None` when it cannot
+/// be (the connection is then closed).
+fn hand_off(stream: UnixStream, peer: Peer, read: &[u8]) -> Option<Handoff> {
+    stream.set_nonblocking(true).ok()?;
+    Some(Handoff {
         stream,
         peer,
         read: Bytes::copy_from_slice(read),

@@ -76,6 +76,24 @@ pub struct App {
     pub requests: crate::metrics::Requests,
 }
 
+impl App {
+    /// The pre-rendered body of `profile`'s key, when it is ready and `peer` may read it: the
+    /// answer that needs no wait, on the acceptor threads and in hyper alike.
+    fn readable_body(&self, profile: &str, peer: Peer) -> Option<Bytes> {
+        let body = self.broker.ready_body(profile)?;
+        self.access.load().may_read(profile, peer).then_some(body)
+    }
+
+    /// Counts an answer for `/metrics` and, given its `(method, path)` (only when debug logs
+    /// are on), logs it.
+    fn answered(&self, status: u16, route: Route, request: Option<(&str, &str)>) {
+        self.requests.record(status);
+        if let Some((method, path)) = request {
+            tracing::debug!(%method, path, status, ?route, "request");
+        }
+    }
+}
+
 /// A listening endpoint: the Unix socket, or the loopback container endpoint.
 #[derive(Debug)]
 pub enum Listener {
@@ -112,9 +130,7 @@ impl Connections {
         match listener {
             Listener::Socket(l) => {
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-                let threads = std::thread::available_parallelism()
-                    .map_or(2, |n| n.get())
-                    .clamp(1, acceptor::MAX_THREADS);
+                let threads = crate::daemon::threads();
                 let acceptors = acceptor::Acceptors::start(l, Arc::clone(app), tx, threads)?;
                 Ok(Connections::Threads(acceptors, rx))
             }
@@ -130,11 +146,7 @@ impl Connections {
                 let Some(h) = rx.recv().await else {
                     return Ok(None);
                 };
-                let stream = UnixStream::from_std(h.stream)?;
-                Ok(Some((
-                    Conn::new(h.read, Either::Left(stream)),
-                    Route::Socket(h.peer),
-                )))
+                for_hyper(h).map(Some)
             }
             Connections::Tcp(l) => {
                 let (stream, _) = l.accept().await?;
@@ -155,17 +167,23 @@ impl Connections {
             let _ = tokio::task::spawn_blocking(move || acceptors.stop()).await;
             // The threads held the only senders: this ends.
             while let Some(h) = rx.recv().await {
-                match UnixStream::from_std(h.stream) {
-                    Ok(stream) => accepted.push((
-                        Conn::new(h.read, Either::Left(stream)),
-                        Route::Socket(h.peer),
-                    )),
+                match for_hyper(h) {
+                    Ok(conn) => accepted.push(conn),
                     Err(e) => tracing::warn!(error = %e, "cannot serve a connection"),
                 }
             }
         }
         accepted
     }
+}
+
+/// A connection an acceptor thread handed over, registered with the runtime for hyper.
+fn for_hyper(h: acceptor::Handoff) -> std::io::Result<(Stream, Route)> {
+    let stream = UnixStream::from_std(h.stream)?;
+    Ok((
+        Conn::new(h.read, Either::Left(stream)),
+        Route::Socket(h.peer),
+    ))
 }
 
 type Body = Full<Bytes>;
@@ -411,11 +429,8 @@ fn ready_answer(app: &App, peer: Peer, req: &Request<Incoming>) -> Option<Respon
         return None;
     }
     let profile = req.uri().path().strip_prefix("/v1/credentials/")?;
-    let body = app.broker.ready_body(profile)?;
-    app.access
-        .load()
-        .may_read(profile, peer)
-        .then(|| json_response(StatusCode::OK, body))
+    let body = app.readable_body(profile, peer)?;
+    Some(json_response(StatusCode::OK, body))
 }
 
 async fn credentials(app: &App, peer: Peer, profile: &str) -> Response<Body> {
@@ -660,10 +675,8 @@ fn service(
                     unreachable!("the container listener exists only with its tokens")
                 }
             };
-            app.requests.record(resp.status().as_u16());
-            if let Some((method, path)) = logged {
-                tracing::debug!(%method, path, status = resp.status().as_u16(), ?route, "request");
-            }
+            let logged = logged.as_ref().map(|(m, p)| (m.as_str(), p.as_str()));
+            app.answered(resp.status().as_u16(), route, logged);
             Ok::<_, Infallible>(resp)
         }
     })
