@@ -261,15 +261,45 @@ pub fn parse(src: &str, path: &Path) -> Result<Config, ConfigError> {
         });
     }
     let mut profiles = BTreeMap::new();
+    let mut crusoe_keys = Vec::new();
     for (name, profile) in raw.profiles {
+        let key_span = profile.get_ref().access_key_id.as_ref().map(Spanned::span);
         let config = profile_config(&loc, &name, profile)?;
+        if let (ProviderCredentials::Crusoe { access_key_id, .. }, Some(span)) =
+            (&config.credentials, key_span)
+        {
+            crusoe_keys.push((span, config.name.clone(), access_key_id.clone()));
+        }
         profiles.insert(config.name.clone(), config);
     }
+    one_profile_per_crusoe_user(&loc, crusoe_keys)?;
     Ok(Config {
         path: path.to_path_buf(),
         server,
         profiles,
     })
+}
+
+/// Refuses two Crusoe profiles on one API key. Its user holds at most two keys, but the broker
+/// counts and makes room per profile: together the profiles would fill the budget, and one
+/// making room could revoke the key the other is serving. The error points at the later
+/// profile in the file. `keys` holds (where `access_key_id` is set, profile, access_key_id).
+fn one_profile_per_crusoe_user(
+    loc: &Located<'_>,
+    mut keys: Vec<(Range<usize>, String, String)>,
+) -> Result<(), ConfigError> {
+    keys.sort_by_key(|(span, _, _)| span.start);
+    for (i, (span, profile, key)) in keys.iter().enumerate() {
+        if let Some((_, first, _)) = keys[..i].iter().find(|(_, _, k)| k == key) {
+            return Err(loc.at(
+                span.clone(),
+                format!(
+                    "profile {profile}: access_key_id {key:?} is also used by profile {first}: one Crusoe API user holds at most two keys, so the two profiles would use up and revoke each other's keys; give each profile its own Crusoe API key"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn server_config(loc: &Located<'_>, raw: Option<RawServer>) -> Result<ServerConfig, ConfigError> {

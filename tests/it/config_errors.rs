@@ -281,3 +281,46 @@ fn crusoe_and_glesys_mistakes_are_located() {
     let (code, _, stderr) = env.run(&["check-config", "--config", ok.to_str().unwrap()]);
     assert_eq!(code, 0, "{stderr}");
 }
+
+/// Two Crusoe profiles on one API key share its user's two-key budget, which the broker counts
+/// per profile: refused, at the later profile's access_key_id, naming both profiles.
+#[test]
+fn two_crusoe_profiles_may_not_share_an_api_key() {
+    let env = Env::new();
+    let secret = env.secret_file(
+        "crusoe-secret",
+        "a2V5YnJva2VyLXRlc3Qtc2VjcmV0LTAxMjM0NTY3ODk",
+    );
+    let profile = |name: &str, key: &str| {
+        format!(
+            "[profiles.{name}]\nprovider = \"crusoe\"\naccess_key_id = \"{key}\"\nsecret_key_file = \"{}\"\n",
+            secret.display()
+        )
+    };
+    // "zeta" comes first in the file and last by name: the error is at the later table.
+    let text = [
+        profile("zeta", "CRUSOEKEY1"),
+        profile("other", "CRUSOEKEY2"),
+        profile("alpha", "CRUSOEKEY1"),
+    ]
+    .concat();
+    let path = env.config(&text);
+    for command in ["check-config", "serve"] {
+        let (code, stdout, stderr) = env.run(&[command, "--config", path.to_str().unwrap()]);
+        assert_eq!(code, 64, "{command}: {stderr}");
+        assert!(stdout.is_empty(), "{command}: {stdout:?}");
+        let prefix = format!("keybroker: config {}:11:17: ", path.display());
+        assert!(stderr.starts_with(&prefix), "{command}: {stderr:?}");
+        assert!(
+            stderr.contains(
+                "profile alpha: access_key_id \"CRUSOEKEY1\" is also used by profile zeta"
+            ) && stderr.contains("give each profile its own Crusoe API key"),
+            "{command}: {stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "{command}: {stderr}");
+    }
+    let ok = env.config(&[profile("a", "CRUSOEKEY1"), profile("b", "CRUSOEKEY2")].concat());
+    let (code, stdout, stderr) = env.run(&["check-config", "--config", ok.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("ok (2 profiles: a, b)"), "{stdout}");
+}
