@@ -123,7 +123,10 @@ impl Provider for CoreWeave {
             )
             .await?;
         if !resp.status.is_success() {
-            return Err(status_error("create access key", &resp));
+            return Err(super::refused_create(
+                resp.status,
+                status_error("create access key", &resp),
+            ));
         }
         let body: CreateResponse = serde_json::from_slice(&resp.body).map_err(|e| {
             ProviderError::Malformed(format!(
@@ -295,6 +298,42 @@ mod tests {
             let parsed: CreateResponse = serde_json::from_str(&body).unwrap();
             assert_eq!(parsed.access_key_id.as_deref(), Some("CWX"));
         }
+    }
+
+    fn provider(answers: Vec<(u16, serde_json::Value)>) -> CoreWeave {
+        let (http, _) = crate::provider::http::canned::client(answers);
+        CoreWeave::new(http, "http://cw.invalid", Secret::new("t"), Clock::System)
+    }
+
+    /// A 5xx answer to a create may come after the key was made: the broker must look for it by
+    /// tag before creating again. Other calls keep the usual mapping.
+    #[tokio::test]
+    async fn a_5xx_create_is_lost_and_keeps_the_providers_words() {
+        let hour = Duration::from_secs(3600);
+        for status in [500, 502, 503, 504] {
+            let cw = provider(vec![(
+                status,
+                serde_json::json!({"code": 13, "message": "backend hiccup"}),
+            )]);
+            let e = cw.mint("keybroker-1", hour).await.unwrap_err();
+            assert!(
+                matches!(&e, ProviderError::Lost(m) if m.contains("create access key") && m.contains("backend hiccup")),
+                "{status}: {e:?}"
+            );
+        }
+        let cw = provider(vec![(400, serde_json::json!({"message": "bad duration"}))]);
+        let e = cw.mint("keybroker-1", hour).await.unwrap_err();
+        assert!(
+            matches!(&e, ProviderError::Rejected(m) if m.contains("bad duration")),
+            "{e:?}"
+        );
+        let cw = provider(vec![(503, serde_json::json!({"message": "down"}))]);
+        let handle = KeyHandle {
+            access_key_id: "CWA".into(),
+            revoke_handle: "CWA".into(),
+        };
+        let e = cw.revoke(&handle).await.unwrap_err();
+        assert!(matches!(e, ProviderError::Transient(_)), "{e:?}");
     }
 
     #[test]

@@ -8,8 +8,16 @@
 //! A Crusoe user may hold at most two keys ([`Provider::key_limit`]); the broker makes room
 //! before minting, and a 4xx at create is checked against a listing to tell "limit" from
 //! "refused".
+//!
+//! Whose keys the listing holds is unconfirmed: the API spec says it lists "all S3 access keys in
+//! the organization", the docs say keys are visible to their user only. Each listed key carries
+//! its `user_id`, but nothing tells which user the API key is, so the provider learns it: a listed
+//! key whose id this provider minted shows the API key's `user_id`, and from then on only that
+//! user's keys count as its own. Until then, a listing whose keys all have one `user_id` (or none)
+//! is taken as the caller's; a listing of several users' keys is not taken as anyone's.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -35,6 +43,10 @@ pub const DEFAULT_ENDPOINT: &str = "https://api.cloud.crusoe.ai/v1alpha5";
 /// Keys a Crusoe user may hold at once ("Each bucket user can have a maximum of 2 keys").
 pub const KEY_LIMIT: usize = 2;
 
+/// How many of the access key ids it minted a provider remembers, to find its own user in a
+/// listing. The broker holds at most [`KEY_LIMIT`] keys per profile, so a few suffice.
+const REMEMBERED_KEYS: usize = 16;
+
 /// A Crusoe account reached with one API key.
 #[derive(Debug)]
 pub struct Crusoe {
@@ -45,6 +57,11 @@ pub struct Crusoe {
     configured_org: Option<String>,
     org: OnceCell<String>,
     clock: Clock,
+    /// The access key ids this provider minted, newest last, at most [`REMEMBERED_KEYS`]: a
+    /// listed key with one of these ids carries the API key's own `user_id`.
+    minted: Mutex<VecDeque<String>>,
+    /// The API key's `user_id`, once a listing has shown it.
+    user: OnceLock<String>,
 }
 
 /// Why a secret cannot sign.
@@ -169,7 +186,7 @@ struct Listed {
     items: Vec<ListedItem>,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 struct ListedItem {
     access_key_id: String,
     #[serde(default)]
@@ -180,6 +197,8 @@ struct ListedItem {
     created_at: Option<String>,
     #[serde(default)]
     expire_at: Option<String>,
+    #[serde(default)]
+    user_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -215,6 +234,8 @@ impl Crusoe {
             configured_org: org_id,
             org: OnceCell::new(),
             clock,
+            minted: Mutex::default(),
+            user: OnceLock::new(),
         }
     }
 
@@ -312,12 +333,64 @@ impl Crusoe {
         if !resp.status.is_success() {
             return Err(status_error("list keys", &resp));
         }
-        serde_json::from_slice::<Listed>(&resp.body)
+        let items = serde_json::from_slice::<Listed>(&resp.body)
             .map(|l| l.items)
             .map_err(|e| {
                 ProviderError::Malformed(format!("Crusoe list keys: unreadable answer: {e}"))
-            })
+            })?;
+        self.learn_user(&items);
+        Ok(items)
     }
+
+    /// Remembers an access key id this provider minted.
+    fn remember(&self, access_key_id: &str) {
+        let mut minted = self.minted.lock().unwrap_or_else(|e| e.into_inner());
+        if minted.len() == REMEMBERED_KEYS {
+            minted.pop_front();
+        }
+        minted.push_back(access_key_id.to_string());
+    }
+
+    /// Takes the API key's `user_id` from a listed key this provider minted, if there is one.
+    fn learn_user(&self, items: &[ListedItem]) {
+        if self.user.get().is_some() {
+            return;
+        }
+        let minted = self.minted.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(user) = items
+            .iter()
+            .filter(|k| minted.contains(&k.access_key_id))
+            .find_map(|k| k.user_id.clone())
+        {
+            tracing::debug!(user_id = %user, "learned the Crusoe API key's user from a key it minted");
+            let _ = self.user.set(user);
+        }
+    }
+
+    /// The caller's keys among `items`: the known user's, or all of them when they are all of one
+    /// user (or none says whose). When they are of several users and none is known to be the
+    /// caller, `Err` with the number of users.
+    fn own(&self, items: Vec<ListedItem>) -> Result<Vec<ListedItem>, usize> {
+        if let Some(user) = self.user.get() {
+            return Ok(items
+                .into_iter()
+                .filter(|k| k.user_id.as_deref() == Some(user.as_str()))
+                .collect());
+        }
+        let users: BTreeSet<Option<&str>> = items.iter().map(|k| k.user_id.as_deref()).collect();
+        match users.len() {
+            0 | 1 => Ok(items),
+            n => Err(n),
+        }
+    }
+}
+
+/// The keys that still work: Crusoe lists disabled keys too.
+fn enabled(items: Vec<ListedItem>) -> Vec<ListedItem> {
+    items
+        .into_iter()
+        .filter(|k| k.status.as_deref() != Some("disabled"))
+        .collect()
 }
 
 /// Maps a failed answer by its HTTP status (Crusoe's `code` is not always the number).
@@ -360,19 +433,23 @@ impl Provider for Crusoe {
             )
             .await?;
         if !resp.status.is_success() {
-            let err = status_error("create key", &resp);
-            // Any other 4xx may be the two-key limit: a listing tells.
+            let err = super::refused_create(resp.status, status_error("create key", &resp));
+            // Any other 4xx may be the two-key limit: a listing of the caller's own keys tells.
             if let ProviderError::Rejected(message) = &err {
                 if let Ok(keys) = self.list().await {
-                    let live: Vec<&ListedItem> = keys
-                        .iter()
-                        .filter(|k| k.status.as_deref() != Some("disabled"))
-                        .collect();
-                    if live.len() >= KEY_LIMIT {
-                        return Err(ProviderError::LimitReached(format!(
-                            "{message} (the user holds {} keys, Crusoe's limit is {KEY_LIMIT})",
-                            live.len()
-                        )));
+                    match self.own(enabled(keys)) {
+                        Ok(own) if own.len() >= KEY_LIMIT => {
+                            return Err(ProviderError::LimitReached(format!(
+                                "{message} (the user holds {} keys, Crusoe's limit is {KEY_LIMIT})",
+                                own.len()
+                            )));
+                        }
+                        Ok(_) => {}
+                        Err(users) => {
+                            return Err(ProviderError::Rejected(format!(
+                                "{message} (the key listing shows keys of {users} users and none is known to be this API key's, so whether its two-key limit is reached cannot be told)"
+                            )));
+                        }
                     }
                 }
             }
@@ -381,8 +458,12 @@ impl Provider for Crusoe {
         let body: Created = serde_json::from_slice(&resp.body).map_err(|e| {
             ProviderError::Malformed(format!("Crusoe create key: unreadable answer: {e}"))
         })?;
+        let access_key_id = body.access_key_id.filter(|s| !s.is_empty());
+        if let Some(id) = &access_key_id {
+            self.remember(id);
+        }
         let (Some(access_key_id), Some(secret)) = (
-            body.access_key_id.filter(|s| !s.is_empty()),
+            access_key_id,
             body.secret_key.filter(|s| !s.is_empty()).map(Secret::new),
         ) else {
             return Err(ProviderError::Malformed(
@@ -440,12 +521,16 @@ impl Provider for Crusoe {
         }
     }
 
+    /// The caller's enabled keys once its user is known, else every enabled key listed (the
+    /// broker only ever touches keys carrying its own tag).
     async fn list_keys(&self) -> Result<Vec<ListedKey>, ProviderError> {
-        Ok(self
-            .list()
-            .await?
+        let keys = enabled(self.list().await?);
+        let keys = match self.own(keys.clone()) {
+            Ok(own) => own,
+            Err(_) => keys,
+        };
+        Ok(keys
             .into_iter()
-            .filter(|k| k.status.as_deref() != Some("disabled"))
             .map(|k| ListedKey {
                 handle: KeyHandle {
                     revoke_handle: k.access_key_id.clone(),
@@ -544,6 +629,161 @@ mod tests {
                 "2026-08-01T12:00:01Z"
             )
         );
+    }
+
+    const OURS: &str = "e7bed65d-e918-4fab-921c-03b8db94aa7b";
+    const THEIRS: &str = "0c1d2e3f-0000-4000-8000-00000000beef";
+
+    fn provider(answers: Vec<(u16, serde_json::Value)>) -> Crusoe {
+        let (http, _) = crate::provider::http::canned::client(answers);
+        Crusoe::new(
+            http,
+            "http://crusoe.invalid/v1alpha5",
+            "KEYID",
+            Secret::new(SECRET),
+            Some("4f9b1e0c-0000-4000-8000-000000000001".into()),
+            Clock::System,
+        )
+    }
+
+    fn created(id: &str) -> (u16, serde_json::Value) {
+        (
+            200,
+            serde_json::json!({"access_key_id": id, "secret_key": "s3cr3t", "expire_at": "2099-01-01T00:00:00Z"}),
+        )
+    }
+
+    fn listing(keys: &[(&str, &str)]) -> (u16, serde_json::Value) {
+        let items: Vec<_> = keys
+            .iter()
+            .map(|(id, user)| {
+                serde_json::json!({
+                    "key_uuid": "f5705300-79f8-4686-9b9f-02496a053bc0", "access_key_id": id,
+                    "alias": format!("keybroker-{id}"), "status": "enabled",
+                    "created_at": "2026-08-01T12:00:00Z", "expire_at": "2099-01-01T00:00:00Z",
+                    "user_id": user,
+                })
+            })
+            .collect();
+        (200, serde_json::json!({ "items": items }))
+    }
+
+    fn at_limit() -> (u16, serde_json::Value) {
+        (
+            400,
+            serde_json::json!({"code": "bad_request", "message": "user has reached the maximum of 2 S3 keys"}),
+        )
+    }
+
+    fn ids(keys: &[ListedKey]) -> Vec<&str> {
+        keys.iter()
+            .map(|k| k.handle.access_key_id.as_str())
+            .collect()
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// An organization-wide listing: another user's two keys are not this API key's, so a 400 at
+    /// create is the provider's refusal, not the two-key limit.
+    #[tokio::test]
+    async fn other_users_keys_do_not_fill_the_callers_budget() {
+        let crusoe = provider(vec![
+            created("K1"),
+            listing(&[("K1", OURS), ("V1", THEIRS)]),
+            at_limit(),
+            listing(&[("V1", THEIRS), ("V2", THEIRS)]),
+            listing(&[("V1", THEIRS), ("V2", THEIRS)]),
+        ]);
+        crusoe.mint("keybroker-a", HOUR).await.unwrap();
+        // The listing shows K1, which this provider minted: its user is the API key's.
+        assert_eq!(ids(&crusoe.list_keys().await.unwrap()), ["K1"]);
+        // K1 is gone; the other user holds two keys, the caller none.
+        let e = crusoe.mint("keybroker-b", HOUR).await.unwrap_err();
+        assert!(
+            matches!(&e, ProviderError::Rejected(m) if m.contains("maximum of 2 S3 keys")),
+            "{e:?}"
+        );
+        assert!(crusoe.list_keys().await.unwrap().is_empty());
+    }
+
+    /// The caller's own two keys (ids it minted) fill the budget, whoever else is listed.
+    #[tokio::test]
+    async fn the_callers_own_two_keys_are_the_limit() {
+        let crusoe = provider(vec![
+            created("K1"),
+            created("K2"),
+            at_limit(),
+            listing(&[("V1", THEIRS), ("K1", OURS), ("K2", OURS)]),
+            listing(&[("V1", THEIRS), ("K1", OURS), ("K2", OURS)]),
+        ]);
+        crusoe.mint("keybroker-a", HOUR).await.unwrap();
+        crusoe.mint("keybroker-b", HOUR).await.unwrap();
+        let e = crusoe.mint("keybroker-c", HOUR).await.unwrap_err();
+        assert!(
+            matches!(&e, ProviderError::LimitReached(m) if m.contains("maximum of 2 S3 keys") && m.contains("holds 2 keys")),
+            "{e:?}"
+        );
+        assert_eq!(ids(&crusoe.list_keys().await.unwrap()), ["K1", "K2"]);
+    }
+
+    /// With no key of its own listed, the caller's user cannot be told: keys of several users
+    /// are not claimed as a reached limit, and the error says why.
+    #[tokio::test]
+    async fn keys_of_several_unknown_users_are_not_a_limit() {
+        let crusoe = provider(vec![
+            at_limit(),
+            listing(&[("V1", THEIRS), ("W1", OURS)]),
+            listing(&[("V1", THEIRS), ("W1", OURS)]),
+        ]);
+        let e = crusoe.mint("keybroker-a", HOUR).await.unwrap_err();
+        assert!(
+            matches!(&e, ProviderError::Rejected(m) if m.contains("maximum of 2 S3 keys") && m.contains("keys of 2 users")),
+            "{e:?}"
+        );
+        // Unknown user: every key is listed, as before (the broker goes by its tags).
+        assert_eq!(ids(&crusoe.list_keys().await.unwrap()), ["V1", "W1"]);
+        // Keys of one user only are taken as the caller's.
+        let crusoe = provider(vec![at_limit(), listing(&[("K1", OURS), ("K2", OURS)])]);
+        let e = crusoe.mint("keybroker-a", HOUR).await.unwrap_err();
+        assert!(matches!(e, ProviderError::LimitReached(_)), "{e:?}");
+    }
+
+    /// A 5xx answer to a create may come after the key was made; other calls keep the usual
+    /// mapping.
+    #[tokio::test]
+    async fn a_5xx_create_is_lost_and_keeps_the_providers_words() {
+        for status in [500, 502, 503] {
+            let crusoe = provider(vec![(
+                status,
+                serde_json::json!({"code": "internal_error", "message": "storage backend unavailable"}),
+            )]);
+            let e = crusoe.mint("keybroker-a", HOUR).await.unwrap_err();
+            assert!(
+                matches!(&e, ProviderError::Lost(m) if m.contains("create key") && m.contains("storage backend unavailable")),
+                "{status}: {e:?}"
+            );
+        }
+        let crusoe = provider(vec![(
+            500,
+            serde_json::json!({"code": "internal_error", "message": "x"}),
+        )]);
+        let handle = KeyHandle {
+            access_key_id: "K1".into(),
+            revoke_handle: "K1".into(),
+        };
+        let e = crusoe.revoke(&handle).await.unwrap_err();
+        assert!(matches!(e, ProviderError::Transient(_)), "{e:?}");
+    }
+
+    #[test]
+    fn remembers_a_bounded_number_of_its_keys() {
+        let crusoe = provider(vec![]);
+        for i in 0..40 {
+            crusoe.remember(&format!("K{i}"));
+        }
+        let minted = crusoe.minted.lock().unwrap();
+        assert_eq!(minted.len(), REMEMBERED_KEYS);
+        assert_eq!(minted.back().map(String::as_str), Some("K39"));
     }
 
     #[test]

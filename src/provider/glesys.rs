@@ -102,7 +102,9 @@ impl Glesys {
         }
     }
 
-    async fn post(
+    /// Calls `function` and returns GleSYS's answer whatever its status, so that a caller can
+    /// read a refusal itself; only failing to get an answer is an error here.
+    async fn call(
         &self,
         function: &str,
         body: serde_json::Value,
@@ -115,7 +117,16 @@ impl Glesys {
             .header(http::header::ACCEPT, "application/json")
             .body(Bytes::from(body.to_string()))
             .map_err(|e| ProviderError::Rejected(format!("GleSYS: bad request: {e}")))?;
-        let resp = self.http.send(req).await?;
+        self.http.send(req).await
+    }
+
+    /// Calls `function` and returns its answer if GleSYS accepted the call.
+    async fn post(
+        &self,
+        function: &str,
+        body: serde_json::Value,
+    ) -> Result<HttpResponse, ProviderError> {
+        let resp = self.call(function, body).await?;
         if resp.status == StatusCode::OK {
             Ok(resp)
         } else {
@@ -124,13 +135,30 @@ impl Glesys {
     }
 }
 
-/// GleSYS treats any status but 200 as an error and explains in `response.status.text`.
-fn status_error(function: &str, resp: &HttpResponse) -> ProviderError {
-    let said = serde_json::from_slice::<Envelope<StatusOnly>>(&resp.body)
+/// What GleSYS said about a call: `response.status.text`, else the body as it came.
+fn status_text(resp: &HttpResponse) -> String {
+    serde_json::from_slice::<Envelope<StatusOnly>>(&resp.body)
         .ok()
         .and_then(|e| e.response.status)
         .and_then(|s| s.text)
-        .unwrap_or_else(|| String::from_utf8_lossy(&resp.body).into_owned());
+        .unwrap_or_else(|| String::from_utf8_lossy(&resp.body).into_owned())
+}
+
+/// Whether a refused `deletecredential` says the credential is already gone: HTTP 404, or
+/// another 4xx whose status text says "not found" (GleSYS's wording for a deleted credential is
+/// unconfirmed). An answer that the object-storage instance is not found says nothing about the
+/// credential, so it is not taken as done.
+fn already_gone(resp: &HttpResponse) -> bool {
+    let text = status_text(resp).to_ascii_lowercase();
+    let not_found = resp.status == StatusCode::NOT_FOUND
+        || (resp.status.is_client_error() && text.contains("not found"));
+    let instance_missing = text.contains("instance") && !text.contains("credential");
+    not_found && !instance_missing
+}
+
+/// GleSYS treats any status but 200 as an error and explains in `response.status.text`.
+fn status_error(function: &str, resp: &HttpResponse) -> ProviderError {
+    let said = status_text(resp);
     match super::refused("GleSYS", function, resp, &said) {
         // glesys-go's own fixture answers bad credentials with 400 "Unauthorized".
         ProviderError::Rejected(m) if said.to_ascii_lowercase().contains("unauthorized") => {
@@ -149,11 +177,17 @@ impl Provider for Glesys {
     async fn mint(&self, tag: &str, lifetime: Duration) -> Result<MintedKey, ProviderError> {
         let sent_at = self.clock.now();
         let resp = self
-            .post(
+            .call(
                 "createcredential",
                 serde_json::json!({ "instanceid": self.instance_id, "description": tag }),
             )
             .await?;
+        if resp.status != StatusCode::OK {
+            return Err(super::refused_create(
+                resp.status,
+                status_error("createcredential", &resp),
+            ));
+        }
         let answer: Envelope<CredentialAnswer> =
             serde_json::from_slice(&resp.body).map_err(|e| {
                 ProviderError::Malformed(format!("GleSYS createcredential: unreadable answer: {e}"))
@@ -190,17 +224,17 @@ impl Provider for Glesys {
     }
 
     async fn revoke(&self, key: &KeyHandle) -> Result<(), ProviderError> {
-        let result = self
-            .post(
+        let resp = self
+            .call(
                 "deletecredential",
                 serde_json::json!({ "instanceid": self.instance_id, "credentialid": key.revoke_handle }),
             )
-            .await;
-        match result {
-            Ok(_) => Ok(()),
-            // Already deleted: the goal is met.
-            Err(ProviderError::Rejected(m)) if m.contains("HTTP 404") => Ok(()),
-            Err(e) => Err(e),
+            .await?;
+        // Already deleted: the goal is met.
+        if resp.status == StatusCode::OK || already_gone(&resp) {
+            Ok(())
+        } else {
+            Err(status_error("deletecredential", &resp))
         }
     }
 
@@ -279,6 +313,89 @@ mod tests {
             status_error("x", &resp(504, "")),
             ProviderError::Lost(_)
         ));
+    }
+
+    fn provider(answers: Vec<(u16, serde_json::Value)>) -> Glesys {
+        let (http, _) = crate::provider::http::canned::client(answers);
+        Glesys::new(
+            http,
+            "http://glesys.invalid",
+            "CL1",
+            Secret::new("k"),
+            "os-ab123",
+            Clock::System,
+        )
+    }
+
+    fn answer(code: u16, text: &str) -> (u16, serde_json::Value) {
+        (
+            code,
+            serde_json::json!({"response": {"status": {"code": code, "text": text}}}),
+        )
+    }
+
+    /// Whether a deletion is already done is read from GleSYS's answer, not from our message.
+    #[tokio::test]
+    async fn revoke_reads_already_gone_from_the_answer() {
+        let handle = KeyHandle {
+            access_key_id: "AK".into(),
+            revoke_handle: "376af022".into(),
+        };
+        let handle = &handle;
+        let revoke =
+            |a: (u16, serde_json::Value)| async move { provider(vec![a]).revoke(handle).await };
+        assert_eq!(revoke(answer(200, "OK")).await, Ok(()));
+        assert_eq!(revoke(answer(404, "Credential not found")).await, Ok(()));
+        assert_eq!(revoke((404, serde_json::json!("gone"))).await, Ok(()));
+        assert_eq!(revoke(answer(400, "credential NOT FOUND")).await, Ok(()));
+        let e = revoke(answer(400, "Unauthorized")).await.unwrap_err();
+        assert!(
+            matches!(&e, ProviderError::Auth(m) if m.contains("Unauthorized")),
+            "{e:?}"
+        );
+        let e = revoke(answer(400, "Invalid credentialid"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ProviderError::Rejected(m) if m.contains("Invalid credentialid")),
+            "{e:?}"
+        );
+        // A missing instance is not a missing credential: the key may still be live elsewhere.
+        let e = revoke(answer(404, "Object storage instance not found: os-ab123"))
+            .await
+            .unwrap_err();
+        assert!(matches!(&e, ProviderError::Rejected(_)), "{e:?}");
+        // "not found" in a server error is not an answer about the credential.
+        let e = revoke(answer(500, "Backend not found")).await.unwrap_err();
+        assert!(matches!(&e, ProviderError::Transient(_)), "{e:?}");
+        let e = revoke(answer(500, "Internal error")).await.unwrap_err();
+        assert!(matches!(&e, ProviderError::Transient(_)), "{e:?}");
+    }
+
+    /// A 5xx answer to createcredential may come after the credential was made.
+    #[tokio::test]
+    async fn a_5xx_create_is_lost_and_keeps_the_providers_words() {
+        let hour = Duration::from_secs(3600);
+        for status in [500, 503, 504] {
+            let e = provider(vec![answer(status, "Internal error")])
+                .mint("keybroker-1", hour)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&e, ProviderError::Lost(m) if m.contains("createcredential") && m.contains("Internal error")),
+                "{status}: {e:?}"
+            );
+        }
+        let e = provider(vec![answer(400, "Unauthorized")])
+            .mint("keybroker-1", hour)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ProviderError::Auth(_)), "{e:?}");
+        let e = provider(vec![answer(500, "Internal error")])
+            .list_keys()
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ProviderError::Transient(_)), "{e:?}");
     }
 
     #[test]

@@ -208,3 +208,40 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?;
     value.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
+
+/// Canned upstream answers for the providers' unit tests.
+#[cfg(test)]
+pub(crate) mod canned {
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+    use http::{Response, StatusCode};
+
+    use super::{HttpClient, InProcessHandler, DEFAULT_CALL_TIMEOUT};
+
+    /// What the client was asked, as `"METHOD /path"`, in order.
+    pub(crate) type Asked = Arc<Mutex<Vec<String>>>;
+
+    /// A client that answers its requests, in order, with `answers` (status and JSON body), and
+    /// records each request. A request beyond the last answer gets a 599 that names it.
+    pub(crate) fn client(answers: Vec<(u16, serde_json::Value)>) -> (HttpClient, Asked) {
+        let answers = Arc::new(Mutex::new(VecDeque::from(answers)));
+        let asked: Asked = Arc::default();
+        let log = asked.clone();
+        let handler: InProcessHandler = Arc::new(move |req| {
+            let what = format!("{} {}", req.method(), req.uri().path());
+            log.lock().unwrap().push(what.clone());
+            let next = answers.lock().unwrap().pop_front();
+            let (status, body) = next.unwrap_or((599, serde_json::json!({ "unexpected": what })));
+            Box::pin(async move {
+                Response::builder()
+                    .status(StatusCode::from_u16(status).unwrap())
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .body(Bytes::from(body.to_string()))
+                    .unwrap()
+            })
+        });
+        (HttpClient::in_process(handler, DEFAULT_CALL_TIMEOUT), asked)
+    }
+}

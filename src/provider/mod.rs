@@ -68,8 +68,8 @@ pub enum ProviderError {
     #[error("{0}")]
     Transient(String),
     /// The request may have been carried out, but its answer was lost (a timeout or broken
-    /// connection after sending, a gateway error, an unreadable success). For a create, the key
-    /// may exist: it is found by its tag before any new create.
+    /// connection after sending, a gateway error, an unreadable success, any 5xx answer to a
+    /// create). For a create, the key may exist: it is found by its tag before any new create.
     #[error("{0}")]
     Lost(String),
     /// 429: retry no sooner than `retry_after` when the provider said so.
@@ -149,13 +149,25 @@ pub fn refused(api: &str, call: &str, resp: &http::HttpResponse, said: &str) -> 
 }
 
 /// Maps a server-error status: gateways (502, 504) may have passed the request on before
-/// failing, so its outcome is unknown; any other 5xx is the provider's own refusal.
+/// failing, so its outcome is unknown; any other 5xx is the provider's own refusal. A create
+/// goes further through [`refused_create`].
 pub fn server_error(status: ::http::StatusCode, message: String) -> ProviderError {
     match status {
         ::http::StatusCode::BAD_GATEWAY | ::http::StatusCode::GATEWAY_TIMEOUT => {
             ProviderError::Lost(message)
         }
         _ => ProviderError::Transient(message),
+    }
+}
+
+/// The error for a refused create. A 5xx answer, whatever the provider or gateway meant by it,
+/// may come after the key was made, so it is [`ProviderError::Lost`] and the broker finds the key
+/// by its tag before the next create; any other refusal keeps its variant.
+pub fn refused_create(status: ::http::StatusCode, err: ProviderError) -> ProviderError {
+    if status.is_server_error() {
+        ProviderError::Lost(err.to_string())
+    } else {
+        err
     }
 }
 
