@@ -605,10 +605,11 @@ async fn upstream_refusals_are_one_line_with_the_providers_words() {
     let env = Env::new();
     let wrong = env.secret_file("wrong-secret", "d3Jvbmctc2VjcmV0");
     let wrong = wrong.display();
-    let crusoe = |name: &str, secret: &str, extra: &str| {
+    // Each Crusoe profile needs its own API key (config validation): the one with the wrong
+    // secret uses a key id the fake does not know.
+    let crusoe = |name: &str, key_id: &str, secret: &str, extra: &str| {
         format!(
-            "[profiles.{name}]\nprovider = \"crusoe\"\nendpoint = \"{url}/v1alpha5\"\naccess_key_id = \"{}\"\nsecret_key_file = \"{secret}\"\n{extra}\n",
-            fake.crusoe_key_id()
+            "[profiles.{name}]\nprovider = \"crusoe\"\nendpoint = \"{url}/v1alpha5\"\naccess_key_id = \"{key_id}\"\nsecret_key_file = \"{secret}\"\n{extra}\n"
         )
     };
     let glesys = |name: &str, key: &str, instance: &str| {
@@ -628,9 +629,10 @@ async fn upstream_refusals_are_one_line_with_the_providers_words() {
             &env.secret_file("bad-token", "not-the-token"),
             "",
         ),
-        crusoe("crusoe-secret", &wrong.to_string(), ""),
+        crusoe("crusoe-secret", "CRUSOEUNKNOWNKEYID00", &wrong.to_string(), ""),
         crusoe(
             "crusoe-org",
+            fake.crusoe_key_id(),
             &crusoe_secret.display().to_string(),
             "org_id = \"4f9b1e0c-0000-4000-8000-00000000dead\"",
         ),
