@@ -202,17 +202,14 @@ impl Running {
                 }
             }
         }
-        let deadline = Instant::now() + next.server.shutdown_timeout;
         for name in &gone {
             if let Some(tokens) = &self.app.container {
                 tokens.remove_profile(name);
             }
-            if let Some(detached) = self.broker.detach(name) {
-                let name = name.clone();
-                tokio::spawn(async move {
-                    let report = detached.revoke(deadline).await;
-                    tracing::info!(profile = %name, revoked = ?report.revoked, unrevoked = ?report.unrevoked, kept = ?report.kept, "reload: profile removed");
-                });
+            // Its keys stay valid until the Expiration they were served with, and are revoked
+            // then, or at stop.
+            if self.broker.detach(name) {
+                tracing::info!(profile = %name, "reload: profile out of service; its keys are revoked when they expire, or at stop");
             }
         }
         // The new rules first, so that an added profile is never briefly refused.
@@ -271,6 +268,7 @@ impl Running {
             revoked = report.revoked.len(),
             unrevoked = report.unrevoked.len(),
             kept = report.kept.len(),
+            unsettled = ?report.unsettled,
             "stopped"
         );
         report

@@ -210,7 +210,7 @@ pub fn render(
         )
     };
     type Pick = fn(&crate::broker::SlotStatus) -> u64;
-    let per_profile: [(&str, &str, &str, Pick); 8] = [
+    let per_profile: [(&str, &str, &str, Pick); 10] = [
         (
             "keybroker_mints_total",
             "Keys minted (first keys, renewals and rotations).",
@@ -255,6 +255,18 @@ pub fn render(
             "Replaced keys still valid, awaiting revocation at their expiry.",
             "gauge",
             |s| s.retired_keys as u64,
+        ),
+        (
+            "keybroker_failing_revokes",
+            "Retired keys whose revocation failed, retried (status names them and the provider's words).",
+            "gauge",
+            |s| s.failing_revokes.len() as u64,
+        ),
+        (
+            "keybroker_unsettled_creates",
+            "Creates whose key may exist or still land, looked for by their tag.",
+            "gauge",
+            |s| s.unsettled_creates.len() as u64,
         ),
     ];
     for (name, help, kind, pick) in per_profile {

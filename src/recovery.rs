@@ -10,7 +10,7 @@ use std::sync::Arc;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::broker::Adopted;
+use crate::broker::{Adopted, Pending, LANDING_GRACE};
 use crate::clock::Clock;
 use crate::credentials::format_expiration;
 use crate::ledger::{Ledger, LedgerError, OpenLease, Record};
@@ -31,9 +31,9 @@ pub struct Recovery {
     pub lines: Vec<String>,
     /// Keys to track until their expiry, by profile (`revoke_on_shutdown = false`).
     pub adopted: BTreeMap<String, Vec<Adopted>>,
-    /// Creates not found by their tag, by profile, as (lease, tag): a create cut off by a
-    /// crash may still land, so the profile looks once more before its next create.
-    pub unsettled: BTreeMap<String, Vec<(String, String)>>,
+    /// Creates not found by their tag that may still land, by profile: the profile keeps
+    /// looking for them.
+    pub unsettled: BTreeMap<String, Vec<Pending>>,
     /// Leases that could not be finished: they stay in the ledger for the next try.
     pub unfinished: usize,
     /// Keys revoked.
@@ -56,6 +56,15 @@ impl Listings {
         }
         &self.0[profile]
     }
+}
+
+/// Until when the create of an open lease with no key may still land: [`LANDING_GRACE`]
+/// after its request ended, at the latest the longest a provider call takes after its intent
+/// was written. An unreadable time counts as now.
+fn may_land_until(lease: &OpenLease) -> OffsetDateTime {
+    let written =
+        OffsetDateTime::parse(&lease.at, &Rfc3339).unwrap_or_else(|_| OffsetDateTime::now_utc());
+    written + crate::provider::http::DEFAULT_CALL_TIMEOUT + LANDING_GRACE
 }
 
 /// Runs recovery. `tag_prefix` identifies this broker's keys; `daemon` says whether a daemon
@@ -159,15 +168,25 @@ pub async fn recover(
                                 }
                             }
                         }
-                        None if daemon => {
-                            out.lines.push(format!(
-                                "lease {} of profile {profile}: no key carries its tag yet; the profile looks once more before its next create",
-                                lease.lease
-                            ));
-                            out.unsettled
-                                .entry(profile)
-                                .or_default()
-                                .push((lease.lease.clone(), lease.tag.clone()));
+                        None if now < may_land_until(&lease) => {
+                            let until = format_expiration(may_land_until(&lease));
+                            if daemon {
+                                out.lines.push(format!(
+                                    "lease {} of profile {profile}: no key carries its tag yet, and its create may still land until {until}; the profile keeps looking",
+                                    lease.lease
+                                ));
+                                out.unsettled.entry(profile).or_default().push(Pending {
+                                    lease: lease.lease.clone(),
+                                    tag: lease.tag.clone(),
+                                    ended_at: may_land_until(&lease) - LANDING_GRACE,
+                                });
+                            } else {
+                                out.unfinished += 1;
+                                out.lines.push(format!(
+                                    "lease {} of profile {profile}: no key carries its tag yet, and its create may still land until {until}; kept in the ledger: sweep again after that",
+                                    lease.lease
+                                ));
+                            }
                             still_open.push(lease);
                         }
                         None => {

@@ -18,7 +18,9 @@ use tokio_util::task::TaskTracker;
 
 pub use policy::{backoff, retry_delay, RenewPolicy, BACKOFF_CAP, DEGRADED_FLOOR, RENEW_JITTER};
 pub use slot::{
-    Adopted, ReadyKey, RevokedKeys, Rotated, Slot, SlotContext, SlotStatus, Unavailable,
+    Adopted, FailingRevoke, Pending, ReadyKey, RevokedKeys, Rotated, ServedKeys, Slot, SlotContext,
+    SlotStatus, Unavailable, UnsettledCreate, LANDING_GRACE, MAX_RETIRED, REFUSED_REVOKE_RETRY,
+    SETTLE_WAIT,
 };
 
 use crate::clock::Clock;
@@ -38,8 +40,9 @@ pub struct ProfileSpec {
     pub revoke_on_shutdown: bool,
     /// Keys of an earlier run to track as retired and revoke at their expiry.
     pub adopted: Vec<Adopted>,
-    /// Creates of an earlier run not found by tag yet, as (lease, tag): looked for once more.
-    pub unsettled: Vec<(String, String)>,
+    /// Creates of an earlier run not found by tag yet: looked for until they are found or
+    /// can no longer land.
+    pub unsettled: Vec<Pending>,
 }
 
 /// How the broker runs its slots.
@@ -49,6 +52,9 @@ pub struct BrokerOptions {
     pub clock: Clock,
     /// Seed for jitter and lease ids (tests); `None` in production.
     pub seed: Option<u64>,
+    /// One jitter for every draw instead of random ones (tests: 1.0 renews as early as
+    /// jitter allows); `None` in production.
+    pub fixed_jitter: Option<f64>,
     /// Longest a request waits for a mint it triggered.
     pub mint_wait: Duration,
     /// The ledger every create and revoke is journaled in, if any.
@@ -64,6 +70,7 @@ impl BrokerOptions {
         BrokerOptions {
             clock,
             seed: None,
+            fixed_jitter: None,
             mint_wait: DEFAULT_MINT_WAIT,
             ledger: None,
             tag_prefix: tag_prefix(&format!("{:08x}", rand::random::<u32>())),
@@ -107,6 +114,16 @@ pub struct StopReport {
     pub unrevoked: Vec<(String, String)>,
     /// Keys left alive on purpose (`revoke_on_shutdown = false`).
     pub kept: Vec<String>,
+    /// Tags of creates whose key may exist or still land: their leases stay open in the
+    /// ledger, and the next start or `keybroker sweep` settles them.
+    pub unsettled: Vec<String>,
+}
+
+impl StopReport {
+    /// Whether stop left nothing behind that the next start must finish.
+    pub fn is_clean(&self) -> bool {
+        self.unrevoked.is_empty() && self.unsettled.is_empty()
+    }
 }
 
 /// A running profile.
@@ -114,8 +131,6 @@ pub struct StopReport {
 struct Entry {
     slot: Arc<Slot>,
     revoke_on_shutdown: bool,
-    /// Stops this profile's driver alone (a reload removing it).
-    cancel: CancellationToken,
 }
 
 /// The set of profile slots and their driver tasks. Profiles can be added and removed while
@@ -128,6 +143,9 @@ pub struct Broker {
     tasks: TaskTracker,
     context: SlotContext,
     seeder: std::sync::Mutex<SmallRng>,
+    /// Profiles a reload took out of service whose keys are not all revoked yet: their
+    /// drivers revoke them at their Expiration; stop revokes what is left.
+    draining: std::sync::Mutex<Vec<Entry>>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -158,8 +176,11 @@ impl Broker {
                 mint_wait: options.mint_wait,
                 ledger: options.ledger,
                 tag_prefix: options.tag_prefix.into(),
+                served: Arc::default(),
+                fixed_jitter: options.fixed_jitter,
             },
             seeder: std::sync::Mutex::new(seeder),
+            draining: Default::default(),
         };
         for spec in profiles {
             broker.add(spec);
@@ -176,29 +197,35 @@ impl Broker {
         let name = spec.name.clone();
         let revoke_on_shutdown = spec.revoke_on_shutdown;
         let slot = Arc::new(Slot::new(spec, rng, self.context.clone()));
-        let cancel = self.cancel.child_token();
-        self.tasks.spawn(Arc::clone(&slot).drive(cancel.clone()));
+        self.tasks
+            .spawn(Arc::clone(&slot).drive(self.cancel.child_token()));
         let mut map = BTreeMap::clone(&self.slots.load());
         map.insert(
             name,
             Entry {
                 slot,
                 revoke_on_shutdown,
-                cancel,
             },
         );
         self.slots.store(Arc::new(map));
     }
 
-    /// Stops serving a profile (a reload removed or changed it): it leaves the map at once and
-    /// its driver is told to stop; [`Detached::revoke`] then revokes its keys.
-    pub fn detach(&self, profile: &str) -> Option<Detached> {
+    /// Stops serving a profile (a reload removed or changed it): it leaves the map at once,
+    /// mints no more, and its keys are revoked when the Expiration they were served with has
+    /// passed (by its driver, which retries a failed revoke like any other), or at stop.
+    /// Returns whether the profile was there.
+    pub fn detach(&self, profile: &str) -> bool {
         let _change = self.changes.lock().expect("broker change lock");
         let mut map = BTreeMap::clone(&self.slots.load());
-        let entry = map.remove(profile)?;
+        let Some(entry) = map.remove(profile) else {
+            return false;
+        };
         self.slots.store(Arc::new(map));
-        entry.cancel.cancel();
-        Some(Detached { entry })
+        entry.slot.close();
+        let mut draining = self.draining.lock().expect("draining lock");
+        draining.retain(|e| !e.slot.is_finished());
+        draining.push(entry);
+        true
     }
 
     /// The `credential_process` body of `profile`'s current key when it is ready to serve:
@@ -260,42 +287,34 @@ impl Broker {
     /// `deadline`. A mint in flight is waited for (until the deadline) so its key is revoked too.
     pub async fn stop(&self, deadline: Instant) -> StopReport {
         self.cancel.cancel();
-        let entries: Vec<Entry> = self.slots.load().values().cloned().collect();
+        let mut entries: Vec<Entry> = self.slots.load().values().cloned().collect();
+        entries.extend(self.draining.lock().expect("draining lock").iter().cloned());
         let mut report = StopReport::default();
         // Revoke what exists now while in-flight mints finish, then whatever those minted.
         let first = revoke_entries(&entries, deadline, &mut report);
         let drivers = tokio::time::timeout_at(deadline, self.tasks.wait());
         let (revoked, drivers) = tokio::join!(first, drivers);
         merge(&mut report, revoked);
-        if drivers.is_err() {
-            tracing::error!("a mint was still in flight at the shutdown deadline; its key, if created, was not revoked");
+        // Creates whose answer was lost: a key found by its tag is revoked with the rest.
+        for entry in &entries {
+            let _ = tokio::time::timeout_at(deadline, entry.slot.look_for_lost()).await;
         }
         let second = revoke_entries(&entries, deadline, &mut report).await;
         merge(&mut report, second);
-        // Creates whose answer was lost: settle them if time allows; otherwise the ledger
-        // keeps their intent and the next start finds them by tag.
+        // What may still exist or land stays open in the ledger for the next start.
         for entry in &entries {
-            let _ = tokio::time::timeout_at(deadline, entry.slot.settle_pending()).await;
+            let slot = &entry.slot;
+            if drivers.is_err() {
+                if let Some(tag) = slot.creating() {
+                    tracing::error!(profile = slot.name(), %tag, "a create was still in flight at the shutdown deadline; its key, if it lands, is revoked by the next start or keybroker sweep");
+                    report.unsettled.push(tag);
+                }
+            }
+            for lost in slot.unsettled() {
+                tracing::error!(profile = slot.name(), tag = %lost.tag, "a create whose answer was lost is unsettled at stop; the next start or keybroker sweep finds its key by the tag");
+                report.unsettled.push(lost.tag);
+            }
         }
-        report
-    }
-}
-
-/// A profile taken out of service, whose keys are still to be revoked.
-pub struct Detached {
-    entry: Entry,
-}
-
-impl Detached {
-    /// Waits for the driver (a mint in flight finishes, so its key is revoked too), then
-    /// revokes every key of the profile by `deadline`.
-    pub async fn revoke(self, deadline: Instant) -> StopReport {
-        let entry = self.entry;
-        let _ = tokio::time::timeout_at(deadline, entry.slot.finished()).await;
-        let mut report = StopReport::default();
-        let revoked = revoke_entries(std::slice::from_ref(&entry), deadline, &mut report).await;
-        merge(&mut report, revoked);
-        let _ = tokio::time::timeout_at(deadline, entry.slot.settle_pending()).await;
         report
     }
 }
@@ -309,8 +328,8 @@ fn revoke_entries(
 ) -> impl std::future::Future<Output = StopReport> {
     let mut jobs = Vec::new();
     for entry in entries {
-        for key in entry.slot.take_all() {
-            if entry.revoke_on_shutdown {
+        for (key, held) in entry.slot.take_all() {
+            if entry.revoke_on_shutdown || !held {
                 jobs.push(revoke_by(Arc::clone(&entry.slot), key, deadline));
             } else {
                 tracing::info!(profile = entry.slot.name(), key_id = %key.handle.access_key_id, "left alive at stop (revoke_on_shutdown = false)");
@@ -358,11 +377,10 @@ async fn revoke_by(
     key: Arc<ReadyKey>,
     deadline: Instant,
 ) -> (String, Result<(), String>) {
-    let handle = &key.handle;
-    let id = handle.access_key_id.clone();
+    let id = key.handle.access_key_id.clone();
     let mut failures = 0;
     let outcome = loop {
-        let err = match tokio::time::timeout_at(deadline, slot.provider().revoke(handle)).await {
+        let err = match tokio::time::timeout_at(deadline, slot.revoke_key(&key, "stop")).await {
             Ok(Ok(())) => break Ok(()),
             Ok(Err(e)) => e,
             Err(_) => break Err("no answer before the shutdown deadline".to_string()),
@@ -379,20 +397,8 @@ async fn revoke_by(
         }
         tokio::time::sleep(wait).await;
     };
-    match &outcome {
-        Ok(()) => {
-            slot.counters
-                .revokes
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            slot.journal_revoked(&key.lease);
-            tracing::info!(profile = slot.name(), key_id = %id, "revoked key at stop");
-        }
-        Err(why) => {
-            slot.counters
-                .revoke_failures
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::error!(profile = slot.name(), key_id = %id, error = %why, "could not revoke key at stop; it stays valid until it expires");
-        }
+    if let Err(why) = &outcome {
+        tracing::error!(profile = slot.name(), key_id = %id, error = %why, "could not revoke key at stop; it stays valid until it expires");
     }
     (id, outcome)
 }

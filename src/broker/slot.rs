@@ -1,5 +1,9 @@
 //! One profile's keys: the current key (read without a lock), the retired keys awaiting
-//! revocation, and the driver task that mints, renews and revokes them.
+//! revocation ([`revoke`]), creates whose outcome is unknown ([`lost`]), and the driver task
+//! that mints, renews and revokes them.
+
+mod lost;
+mod revoke;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,13 +17,17 @@ use time::OffsetDateTime;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::policy::{backoff, retry_delay, RenewPolicy};
+use super::policy::{retry_delay, RenewPolicy};
 use super::ProfileSpec;
 use crate::clock::{positive, Clock};
 use crate::credentials::{self, format_expiration};
 use crate::ledger::{Ledger, LedgerError, Record};
 use crate::metrics::{Timed, UpstreamStats};
 use crate::provider::{KeyHandle, MintedKey, Provider, ProviderError};
+
+pub use lost::{Pending, UnsettledCreate, LANDING_GRACE, SETTLE_WAIT};
+use revoke::Retired;
+pub use revoke::{FailingRevoke, ServedKeys, MAX_RETIRED, REFUSED_REVOKE_RETRY};
 
 /// A key ready to serve, with its response bodies rendered once.
 #[derive(Debug)]
@@ -59,6 +67,19 @@ impl ReadyKey {
             expires_at: key.expires_at,
             process_json,
             container_json,
+        }
+    }
+
+    /// A key known only by its handle (adopted from an earlier run, or found by its tag):
+    /// never served by this run, so it has no response bodies.
+    fn untracked(handle: KeyHandle, tag: Option<String>, lease: String) -> Self {
+        ReadyKey {
+            handle,
+            tag: tag.unwrap_or_default(),
+            lease,
+            expires_at: OffsetDateTime::UNIX_EPOCH,
+            process_json: Bytes::new(),
+            container_json: Bytes::new(),
         }
     }
 }
@@ -115,16 +136,6 @@ pub struct Counters {
     pub unavailable: AtomicU64,
 }
 
-/// A retired key and when to revoke it.
-#[derive(Debug)]
-struct Retired {
-    key: Arc<ReadyKey>,
-    revoke_at: OffsetDateTime,
-    failures: u32,
-    /// Why the last revoke attempt failed.
-    last_error: Option<String>,
-}
-
 #[derive(Debug)]
 struct State {
     /// A key is wanted: prewarm, or a request has asked.
@@ -154,6 +165,13 @@ struct State {
     /// Revoke passes of the driver started so far; `revoke_all` waits for one that started
     /// after it.
     revoke_passes: u64,
+    /// The profile left service (a reload removed or changed it): no more mints; the driver
+    /// revokes its keys at their expiry, then ends.
+    closing: bool,
+    /// The lease and tag of the create in flight, if one is.
+    creating: Option<(String, String)>,
+    /// Retired keys given up on in this run (see [`MAX_RETIRED`]).
+    dropped_retired: u64,
 }
 
 /// A profile's key slot.
@@ -180,19 +198,14 @@ pub struct Slot {
     ledger: Option<Arc<Ledger>>,
     /// `keybroker-<host>-<instance>-`: every key's tag starts with it.
     tag_prefix: Arc<str>,
-    /// Creates whose answer was lost: the key may exist; its tag will tell.
-    pending: Mutex<Vec<Pending>>,
+    /// Creates whose outcome is unknown: the key may exist; its tag will tell.
+    lost: Mutex<lost::Lost>,
+    /// Keys any slot of the broker has served, still within their Expiration.
+    served: Arc<ServedKeys>,
+    /// One jitter for every draw instead of random ones (tests).
+    fixed_jitter: Option<f64>,
     /// Timings of every provider call made for this profile.
     upstream: Arc<UpstreamStats>,
-}
-
-/// A create whose outcome is unknown.
-#[derive(Debug, Clone)]
-struct Pending {
-    lease: String,
-    tag: String,
-    /// Listings that did not show the key so far.
-    misses: u32,
 }
 
 /// What a slot shares with its broker.
@@ -206,6 +219,10 @@ pub struct SlotContext {
     pub ledger: Option<Arc<Ledger>>,
     /// The prefix of every tag.
     pub tag_prefix: Arc<str>,
+    /// Keys the broker's slots have served, still within their Expiration.
+    pub served: Arc<ServedKeys>,
+    /// One jitter for every draw instead of random ones (tests).
+    pub fixed_jitter: Option<f64>,
 }
 
 /// A key from an earlier run that is tracked until its expiry, then revoked.
@@ -245,10 +262,17 @@ pub struct SlotStatus {
     pub renews_in_seconds: Option<i64>,
     /// Retired keys not yet revoked.
     pub retired_keys: usize,
+    /// Retired keys whose revocation failed, with the provider's words; retried.
+    pub failing_revokes: Vec<FailingRevoke>,
+    /// Creates whose outcome is unknown: their key, if it exists, is looked for by tag.
+    pub unsettled_creates: Vec<UnsettledCreate>,
     /// Counters.
     pub counters: CountersSnapshot,
     /// The last failure, if the last attempt failed.
     pub last_error: Option<String>,
+    /// What keeps the profile from minting although it needs a key: room under the
+    /// provider's key limit, or too many retired keys that could not be revoked.
+    pub blocked: Option<String>,
 }
 
 impl SlotStatus {
@@ -263,6 +287,8 @@ impl SlotStatus {
             next_renewal: None,
             renews_in_seconds: None,
             retired_keys: 0,
+            failing_revokes: Vec::new(),
+            unsettled_creates: Vec::new(),
             counters: CountersSnapshot {
                 mints: 0,
                 renewals: 0,
@@ -273,6 +299,7 @@ impl SlotStatus {
                 unavailable: 0,
             },
             last_error: None,
+            blocked: None,
         }
     }
 }
@@ -313,24 +340,21 @@ impl Slot {
             mint_wait,
             ledger,
             tag_prefix,
+            served,
+            fixed_jitter,
         } = context;
         let now = clock.now();
         let upstream = Arc::new(UpstreamStats::default());
         let provider: Arc<dyn Provider> = Arc::new(Timed::new(provider, Arc::clone(&upstream)));
+        // An earlier run served these; they are kept until their Expiration.
         let retired = adopted
             .into_iter()
-            .map(|a| Retired {
-                revoke_at: a.expires_at,
-                key: Arc::new(ReadyKey {
-                    handle: a.handle,
-                    tag: format!("{tag_prefix}{}", a.lease),
-                    lease: a.lease,
-                    expires_at: a.expires_at,
-                    process_json: Bytes::new(),
-                    container_json: Bytes::new(),
-                }),
-                failures: 0,
-                last_error: None,
+            .map(|a| {
+                served.insert(&a.handle.access_key_id, a.expires_at);
+                let tag = Some(format!("{tag_prefix}{}", a.lease));
+                let mut key = ReadyKey::untracked(a.handle, tag, a.lease);
+                key.expires_at = a.expires_at;
+                Retired::served(Arc::new(key))
             })
             .collect();
         Slot {
@@ -355,6 +379,9 @@ impl Slot {
                 rotating: None,
                 rotated: None,
                 revoke_passes: 0,
+                closing: false,
+                creating: None,
+                dropped_retired: 0,
             }),
             wake: Notify::new(),
             attempts: watch::channel(0).0,
@@ -365,17 +392,9 @@ impl Slot {
             finished: watch::channel(false).0,
             ledger,
             tag_prefix,
-            // Already missed once by recovery's listing: one more miss closes them.
-            pending: Mutex::new(
-                unsettled
-                    .into_iter()
-                    .map(|(lease, tag)| Pending {
-                        lease,
-                        tag,
-                        misses: 1,
-                    })
-                    .collect(),
-            ),
+            lost: Mutex::new(lost::Lost::inherited(unsettled, now)),
+            served,
+            fixed_jitter,
             upstream,
         }
     }
@@ -405,6 +424,9 @@ impl Slot {
     }
 
     fn jitter(&self) -> f64 {
+        if let Some(j) = self.fixed_jitter {
+            return j;
+        }
         self.rng
             .lock()
             .expect("slot rng lock poisoned")
@@ -459,8 +481,9 @@ impl Slot {
                     ),
                 });
             }
-            if !st.in_flight && now < st.request_floor {
-                // A mint failed moments ago; asking again now would only hammer the provider.
+            if !st.in_flight && (now < st.request_floor || self.blocked(&st, now).is_some()) {
+                // A mint failed moments ago (asking again now would only hammer the
+                // provider), or no mint may happen now.
                 drop(st);
                 return self.fallback();
             }
@@ -510,13 +533,14 @@ impl Slot {
         let st = self.lock();
         let now = self.clock.now();
         let retry_after = positive(st.request_floor - now).max(Duration::from_secs(1));
-        let message = match &st.last_error {
-            Some((e, _)) => format!(
+        let message = match (&st.last_error, self.blocked(&st, now)) {
+            (_, Some(why)) => format!("profile {} has no valid key: {why}", self.name),
+            (Some((e, _)), None) => format!(
                 "profile {} has no valid key: the {} API failed: {e}",
                 self.name,
                 self.provider.kind()
             ),
-            None => format!(
+            (None, None) => format!(
                 "profile {} has no valid key yet: a mint is in progress",
                 self.name
             ),
@@ -556,6 +580,20 @@ impl Slot {
             }
             let now = self.clock.now();
             self.revoke_due(now, &cancel).await;
+            if self.next_look().is_some_and(|at| at <= now) {
+                let looked = tokio::select! {
+                    looked = self.look_for_lost() => looked,
+                    _ = cancel.cancelled() => break,
+                };
+                if let Err(e) = looked {
+                    tracing::warn!(profile = %self.name, error = %e, "looking for lost creates failed; looking again later");
+                }
+                continue;
+            }
+            if self.is_drained() {
+                tracing::info!(profile = %self.name, "every key of the removed profile is revoked");
+                break;
+            }
             let (mint_now, wake_at) = self.plan(now);
             if mint_now {
                 self.mint_once().await;
@@ -579,10 +617,49 @@ impl Slot {
         self.finished.send_replace(true);
     }
 
+    /// Whether the slot left service and has nothing left to revoke or look for.
+    fn is_drained(&self) -> bool {
+        let st = self.lock();
+        st.closing && st.retired.is_empty() && !st.in_flight && !self.has_lost()
+    }
+
+    /// Takes the profile out of service (a reload removed or changed it): no more mints;
+    /// its keys are retired, kept until the Expiration they were served with and revoked
+    /// then by the driver, which ends once nothing is left.
+    pub fn close(&self) {
+        let mut st = self.lock();
+        st.closing = true;
+        st.active = false;
+        st.renew_at = None;
+        if let Some(key) = self.current.swap(None) {
+            st.retired.push(Retired::served(key));
+        }
+        drop(st);
+        self.wake.notify_one();
+        // Requests waiting on a mint that will not come.
+        self.attempts.send_modify(|n| *n += 1);
+    }
+
     /// Returns once the driver has stopped (after its cancellation, and any mint in flight).
     pub async fn finished(&self) {
         let mut done = self.finished.subscribe();
         let _ = done.wait_for(|d| *d).await;
+    }
+
+    /// Whether the driver has returned.
+    pub fn is_finished(&self) -> bool {
+        *self.finished.borrow()
+    }
+
+    /// Why no mint may happen now although one may be due: too many retired keys that could
+    /// not be revoked, or no room under the provider's key limit before a retired key's
+    /// Expiration.
+    fn blocked(&self, st: &State, now: OffsetDateTime) -> Option<String> {
+        if let Some(why) = self.retired_overflow(st) {
+            return Some(why);
+        }
+        self.budget_wait(st, now)
+            .map(|until| self.budget_message(st, until))
     }
 
     /// Decides whether to mint now, and otherwise when to look again.
@@ -592,19 +669,14 @@ impl Slot {
         // A current key past its expiry is retired so that it gets revoked (GleSYS: this
         // revocation is the expiry).
         if let Some(key) = current.as_ref().filter(|k| k.expires_at <= now) {
-            st.retired.push(Retired {
-                key: Arc::clone(key),
-                revoke_at: key.expires_at,
-                failures: 0,
-                last_error: None,
-            });
+            st.retired.push(Retired::served(Arc::clone(key)));
             self.current.store(None);
             st.renew_at = None;
         }
         let next_revoke = st.retired.iter().map(|r| r.revoke_at).min();
         let rotate = st.rotations_asked > st.rotations_started;
         let due = match (&*self.current.load(), st.renew_at) {
-            _ if st.held.is_some() => false,
+            _ if st.held.is_some() || st.closing => false,
             _ if rotate => true,
             (None, _) => st.active,
             (Some(_), Some(renew_at)) => now >= renew_at,
@@ -612,7 +684,10 @@ impl Slot {
         };
         let wanted_now = st.active && self.ready().is_none();
         let allowed = rotate || now >= st.next_attempt || (wanted_now && now >= st.request_floor);
-        if due && allowed {
+        // Room under the key limit opens when a retired key's Expiration passes: its revoke
+        // is due then, and the next plan sees the room.
+        let blocked = due && allowed && self.blocked(&st, now).is_some();
+        if due && allowed && !blocked {
             st.in_flight = true;
             if rotate {
                 st.rotations_started = st.rotations_asked;
@@ -620,7 +695,9 @@ impl Slot {
             }
             return (true, None);
         }
-        let next_mint = if due {
+        let next_mint = if blocked {
+            None
+        } else if due {
             Some(st.next_attempt)
         } else {
             st.renew_at
@@ -628,6 +705,7 @@ impl Slot {
         let wake_at = [
             next_mint,
             next_revoke,
+            self.next_look(),
             self.current.load().as_ref().map(|k| k.expires_at),
         ]
         .into_iter()
@@ -654,6 +732,9 @@ impl Slot {
     /// Records that a key is gone. A failed write only means the next start revokes an
     /// already revoked key, which providers accept.
     pub(super) fn journal_revoked(&self, lease: &str) {
+        if lease.is_empty() {
+            return;
+        }
         let at = format_expiration(self.clock.now());
         if let Err(e) = self.journal(Record::Revoked {
             lease: lease.to_string(),
@@ -661,73 +742,6 @@ impl Slot {
         }) {
             tracing::error!(profile = %self.name, lease, error = %e, "could not record a revocation in the ledger");
         }
-    }
-
-    /// At stop: tries to settle lost creates twice (a lease is closed as never created only
-    /// after two listings miss it), logging the ones that stay open in the ledger.
-    pub(super) async fn settle_pending(&self) {
-        for _ in 0..2 {
-            if self.pending.lock().expect("pending lock").is_empty() {
-                return;
-            }
-            let _ = self.resolve_pending().await;
-        }
-        for p in self.pending.lock().expect("pending lock").iter() {
-            tracing::error!(profile = %self.name, tag = %p.tag, "a create whose answer was lost is unsettled at stop; the next start finds it by its tag");
-        }
-    }
-
-    /// Settles creates whose answer was lost, before any new create (never a blind second
-    /// create): the provider's listing shows the key by its tag, and the key is revoked (its
-    /// secret was lost with the answer, so it cannot be served). A lease missing from a listing
-    /// is looked for again at the next create, and closed as never created after two misses.
-    /// Only a found key that could not be revoked, or a failed listing, holds up new creates.
-    async fn resolve_pending(&self) -> Result<(), ProviderError> {
-        let pending = self.pending.lock().expect("pending lock").clone();
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let listed = self.provider.list_keys().await.map_err(|e| {
-            ProviderError::Transient(format!(
-                "a create's answer was lost and listing the keys to find it failed, so no new key is made yet: {e}"
-            ))
-        })?;
-        let mut still = Vec::new();
-        let mut blocked = 0;
-        for mut p in pending {
-            match listed
-                .iter()
-                .find(|k| k.tag.as_deref() == Some(p.tag.as_str()))
-            {
-                Some(found) => match self.provider.revoke(&found.handle).await {
-                    Ok(()) => {
-                        self.counters.revokes.fetch_add(1, Ordering::Relaxed);
-                        self.journal_revoked(&p.lease);
-                        tracing::warn!(profile = %self.name, key_id = %found.handle.access_key_id, tag = %p.tag, "found the key of a create whose answer was lost; revoked it");
-                    }
-                    Err(e) => {
-                        tracing::warn!(profile = %self.name, key_id = %found.handle.access_key_id, error = %e, "could not revoke the key of a lost create; will retry");
-                        blocked += 1;
-                        still.push(p);
-                    }
-                },
-                None if p.misses >= 1 => {
-                    self.journal_revoked(&p.lease);
-                    tracing::info!(profile = %self.name, tag = %p.tag, "a lost create made no key");
-                }
-                None => {
-                    p.misses += 1;
-                    still.push(p);
-                }
-            }
-        }
-        *self.pending.lock().expect("pending lock") = still;
-        if blocked > 0 {
-            return Err(ProviderError::Transient(format!(
-                "the key of {blocked} create(s) whose answer was lost could not be revoked yet; no new key until it is"
-            )));
-        }
-        Ok(())
     }
 
     /// Mints, keeping within the provider's key limit: the oldest retired key is revoked first
@@ -746,101 +760,11 @@ impl Slot {
         }
     }
 
-    /// Revokes retired keys, oldest first, until one more key fits under `limit`.
-    async fn make_room(&self, limit: usize) -> Result<(), ProviderError> {
-        loop {
-            let oldest = {
-                let mut st = self.lock();
-                let held = usize::from(self.current.load().is_some()) + st.retired.len();
-                if held < limit || st.retired.is_empty() {
-                    return Ok(());
-                }
-                let i = (0..st.retired.len())
-                    .min_by_key(|&i| st.retired[i].key.expires_at)
-                    .expect("not empty");
-                st.retired.swap_remove(i)
-            };
-            let id = oldest.key.handle.access_key_id.clone();
-            match self.provider.revoke(&oldest.key.handle).await {
-                Ok(()) => {
-                    self.counters.revokes.fetch_add(1, Ordering::Relaxed);
-                    self.journal_revoked(&oldest.key.lease);
-                    tracing::info!(profile = %self.name, key_id = %id, limit, "revoked a retired key early to stay within the provider's key limit");
-                }
-                Err(e) => {
-                    self.counters
-                        .revoke_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    self.lock().retired.push(oldest);
-                    return Err(ProviderError::LimitReached(format!(
-                        "cannot make room under the {} key limit of {limit}: revoking {id} failed: {e}",
-                        self.provider.kind()
-                    )));
-                }
-            }
-        }
-    }
-
-    /// After a create refused at the limit: revokes the oldest key carrying the broker's tag
-    /// that is not the current key, or explains whose keys fill the budget.
-    async fn evict_own_oldest(&self, message: &str) -> Result<(), ProviderError> {
-        let keys = self.provider.list_keys().await.map_err(|e| {
-            ProviderError::LimitReached(format!(
-                "{message}; listing the keys to make room failed: {e}"
-            ))
-        })?;
-        let current = self
-            .current
-            .load()
-            .as_ref()
-            .map(|k| k.handle.access_key_id.clone());
-        let ours = |k: &&crate::provider::ListedKey| {
-            k.tag
-                .as_deref()
-                .is_some_and(|t| t.starts_with(&*self.tag_prefix))
-        };
-        let victim = keys
-            .iter()
-            .filter(ours)
-            .filter(|k| Some(&k.handle.access_key_id) != current.as_ref())
-            .min_by_key(|k| (k.created_at, k.expires_at));
-        let Some(victim) = victim else {
-            let foreign: Vec<&str> = keys
-                .iter()
-                .filter(|k| !ours(k))
-                .map(|k| k.handle.access_key_id.as_str())
-                .collect();
-            return Err(ProviderError::LimitReached(format!(
-                "{message}; {} of them not minted by keybroker ({}), which it never touches: delete one, or give keybroker an API user of its own",
-                foreign.len(),
-                foreign.join(", ")
-            )));
-        };
-        self.provider.revoke(&victim.handle).await.map_err(|e| {
-            ProviderError::LimitReached(format!(
-                "{message}; revoking keybroker's own oldest key {} to make room failed: {e}",
-                victim.handle.access_key_id
-            ))
-        })?;
-        self.counters.revokes.fetch_add(1, Ordering::Relaxed);
-        if let Some(lease) = victim
-            .tag
-            .as_deref()
-            .and_then(|t| t.strip_prefix(&*self.tag_prefix))
-        {
-            self.journal_revoked(lease);
-        }
-        self.lock()
-            .retired
-            .retain(|r| r.key.handle.access_key_id != victim.handle.access_key_id);
-        tracing::info!(profile = %self.name, key_id = %victim.handle.access_key_id, "revoked keybroker's own oldest key to make room under the provider's key limit");
-        Ok(())
-    }
-
     /// One create, journaled: settle lost creates first, record the intent, create, record
-    /// the outcome (minted; closed when the provider refused; pending when the answer was lost).
+    /// the outcome (minted; closed when the provider refused; unsettled when the answer was
+    /// lost).
     async fn mint_journaled(&self, tag: &str, lease: &str) -> Result<MintedKey, ProviderError> {
-        self.resolve_pending().await?;
+        self.settle_before_create().await?;
         self.journal(Record::Intent {
             lease: lease.to_string(),
             profile: self.name.to_string(),
@@ -849,7 +773,9 @@ impl Slot {
             at: format_expiration(self.clock.now()),
         })
         .map_err(|e| ProviderError::Transient(format!("not minting: {e}")))?;
+        self.lock().creating = Some((lease.to_string(), tag.to_string()));
         let result = self.mint_within_limit(tag).await;
+        self.lock().creating = None;
         match &result {
             Ok(key) => {
                 let minted = Record::Minted {
@@ -863,13 +789,9 @@ impl Slot {
                     tracing::error!(profile = %self.name, key_id = %key.access_key_id, error = %e, "could not record a minted key in the ledger");
                 }
             }
-            // No answer, or one we could not read: the key may exist.
+            // No answer, or one we could not read: the key may exist, or land later.
             Err(ProviderError::Lost(_) | ProviderError::Malformed(_)) => {
-                self.pending.lock().expect("pending lock").push(Pending {
-                    lease: lease.to_string(),
-                    tag: tag.to_string(),
-                    misses: 0,
-                });
+                self.add_lost(lease, tag, self.clock.now());
             }
             // The provider answered no: nothing was made.
             Err(_) => self.journal_revoked(lease),
@@ -900,12 +822,8 @@ impl Slot {
                     self.policy.min_remaining.as_secs()
                 ));
                 // Not servable: keep it only to revoke it.
-                self.lock().retired.push(Retired {
-                    revoke_at: now,
-                    key: Arc::new(ReadyKey::new(key, tag.clone(), lease.clone())),
-                    failures: 0,
-                    last_error: None,
-                });
+                let key = Arc::new(ReadyKey::new(key, tag.clone(), lease.clone()));
+                self.lock().retired.push(Retired::unserved(key, now));
                 e
             })
         });
@@ -913,9 +831,10 @@ impl Slot {
         let mut st = self.lock();
         st.in_flight = false;
         match result {
-            Ok(key) if st.held.is_some() => {
-                // An operator revoked the profile's keys while this mint was in flight: the new
-                // key is not served, only revoked.
+            Ok(key) if st.held.is_some() || st.closing => {
+                // An operator revoked the profile's keys, or a reload took the profile out of
+                // service, while this mint was in flight: the new key is not served, only
+                // revoked.
                 tracing::info!(profile = %self.name, key_id = %key.access_key_id, "minted while the profile's keys were being revoked; revoking it too");
                 if let Some(n) = st.rotating.take() {
                     st.rotated = Some((
@@ -926,12 +845,8 @@ impl Slot {
                         )),
                     ));
                 }
-                st.retired.push(Retired {
-                    key: Arc::new(ReadyKey::new(key, tag, lease)),
-                    revoke_at: now,
-                    failures: 0,
-                    last_error: None,
-                });
+                let key = Arc::new(ReadyKey::new(key, tag, lease));
+                st.retired.push(Retired::unserved(key, now));
                 // The driver revokes it on its next pass, which follows this attempt.
             }
             Ok(key) => {
@@ -942,6 +857,8 @@ impl Slot {
                 st.last_error = None;
                 st.next_attempt = now;
                 st.request_floor = now;
+                self.served
+                    .insert(&ready.handle.access_key_id, ready.expires_at);
                 let old = self.current.swap(Some(Arc::clone(&ready)));
                 self.counters.mints.fetch_add(1, Ordering::Relaxed);
                 if let Some(n) = st.rotating.take() {
@@ -956,12 +873,8 @@ impl Slot {
                 }
                 if let Some(old) = &old {
                     self.counters.renewals.fetch_add(1, Ordering::Relaxed);
-                    st.retired.push(Retired {
-                        key: Arc::clone(old),
-                        revoke_at: old.expires_at,
-                        failures: 0,
-                        last_error: None,
-                    });
+                    st.retired.push(Retired::served(Arc::clone(old)));
+                    self.bound_retired(&mut st);
                 }
                 tracing::info!(
                     profile = %self.name,
@@ -1005,61 +918,6 @@ impl Slot {
         self.attempts.send_modify(|n| *n += 1);
     }
 
-    /// Revokes retired keys whose time has come; failures are retried with backoff. A revoke
-    /// still pending when `cancel` fires hands its key back to the slot, where stop finds it.
-    async fn revoke_due(&self, now: OffsetDateTime, cancel: &CancellationToken) {
-        let (due, pass): (Vec<Retired>, u64) = {
-            let mut st = self.lock();
-            // Read under the lock that numbers the pass: a pass numbered after a `revoke_all`
-            // sees the keys that call made due.
-            let now = self.clock.now().max(now);
-            st.revoke_passes += 1;
-            let (due, keep) = std::mem::take(&mut st.retired)
-                .into_iter()
-                .partition(|r| r.revoke_at <= now);
-            st.retired = keep;
-            (due, st.revoke_passes)
-        };
-        // Tells `revoke_all` when this pass is over, however it ends.
-        struct PassDone<'a>(&'a watch::Sender<u64>, u64);
-        impl Drop for PassDone<'_> {
-            fn drop(&mut self) {
-                self.0.send_replace(self.1);
-            }
-        }
-        let _done = PassDone(&self.passes, pass);
-        let mut due = due.into_iter();
-        while let Some(mut r) = due.next() {
-            let outcome = tokio::select! {
-                outcome = self.provider.revoke(&r.key.handle) => outcome,
-                _ = cancel.cancelled() => {
-                    let mut st = self.lock();
-                    st.retired.push(r);
-                    st.retired.extend(due);
-                    return;
-                }
-            };
-            match outcome {
-                Ok(()) => {
-                    self.counters.revokes.fetch_add(1, Ordering::Relaxed);
-                    self.journal_revoked(&r.key.lease);
-                    tracing::info!(profile = %self.name, key_id = %r.key.handle.access_key_id, "revoked retired key");
-                }
-                Err(e) => {
-                    r.failures += 1;
-                    r.last_error = Some(e.to_string());
-                    self.counters
-                        .revoke_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    let delay = backoff(r.failures, self.jitter(), e.retry_floor());
-                    tracing::warn!(profile = %self.name, key_id = %r.key.handle.access_key_id, error = %e, retry_in_seconds = delay.as_secs_f64(), "revoke failed");
-                    r.revoke_at = self.clock.now() + delay;
-                    self.lock().retired.push(r);
-                }
-            }
-        }
-    }
-
     /// `keybroker rotate`: mints a new key now, whatever the renewal schedule or backoff say,
     /// and retires the current one (still valid for clients that fetched it, revoked at its
     /// expiry). Also lifts a `keybroker revoke` hold. Waits at most `wait` for the outcome of
@@ -1068,8 +926,13 @@ impl Slot {
         let mut attempts = self.attempts.subscribe();
         let want = {
             let mut st = self.lock();
-            if st.stopping {
+            if st.stopping || st.closing {
                 return Err(format!("profile {} is stopping", self.name));
+            }
+            // A rotation never revokes a key before the Expiration it was served with: with
+            // the provider's key limit taken by such keys, it waits for one to expire.
+            if let Some(why) = self.blocked(&st, self.clock.now()) {
+                return Err(why);
             }
             st.held = None;
             st.active = true;
@@ -1122,15 +985,12 @@ impl Slot {
             st.rotations_started = st.rotations_asked;
             st.renew_at = None;
             if let Some(key) = self.current.swap(None) {
-                st.retired.push(Retired {
-                    key,
-                    revoke_at: now,
-                    failures: 0,
-                    last_error: None,
-                });
+                st.retired.push(Retired::served(key));
             }
+            // An operator's revoke is the one thing that comes before a served Expiration.
             for r in &mut st.retired {
                 r.revoke_at = now;
+                r.served_until = now;
             }
             let targets: Vec<String> = st
                 .retired
@@ -1150,9 +1010,8 @@ impl Slot {
         })
         .await
         .is_ok();
-        let has_pending = !self.pending.lock().expect("pending lock").is_empty();
-        if has_pending {
-            let _ = tokio::time::timeout_at(deadline, self.resolve_pending()).await;
+        if self.has_lost() {
+            let _ = tokio::time::timeout_at(deadline, self.look_for_lost()).await;
         }
         let mut outcome = RevokedKeys::default();
         for r in &self.lock().retired {
@@ -1170,22 +1029,34 @@ impl Slot {
                 outcome.revoked.push(id);
             }
         }
-        for p in self.pending.lock().expect("pending lock").iter() {
+        for p in self.unsettled() {
             outcome.failed.push((
                 format!("the key tagged {}", p.tag),
-                "a create whose answer was lost; not found in the provider's listing yet, looked for again at stop and at the next start".into(),
+                "a create whose answer was lost; not found in the provider's listing yet, looked for again in the background, at stop and at the next start".into(),
             ));
         }
         outcome
     }
 
     /// Takes every key out of the slot (current and retired), for revocation at stop.
-    pub fn take_all(&self) -> Vec<Arc<ReadyKey>> {
+    /// Each with whether a client may still hold it (it was served and its Expiration has
+    /// not passed): keys nobody holds are revoked even where `revoke_on_shutdown = false`.
+    pub fn take_all(&self) -> Vec<(Arc<ReadyKey>, bool)> {
         let mut st = self.lock();
         st.stopping = true;
-        let mut keys: Vec<Arc<ReadyKey>> = st.retired.drain(..).map(|r| r.key).collect();
-        keys.extend(self.current.swap(None));
+        let now = self.clock.now();
+        let mut keys: Vec<(Arc<ReadyKey>, bool)> = st
+            .retired
+            .drain(..)
+            .map(|r| (r.key, r.served_until > now))
+            .collect();
+        keys.extend(self.current.swap(None).map(|k| (k, true)));
         keys
+    }
+
+    /// The tag of the create in flight, if one is.
+    pub fn creating(&self) -> Option<String> {
+        self.lock().creating.as_ref().map(|(_, tag)| tag.clone())
     }
 
     /// The slot as status shows it.
@@ -1196,11 +1067,12 @@ impl Slot {
         let servable = current
             .as_ref()
             .is_some_and(|k| self.remaining(k) >= self.policy.min_remaining);
-        let state = if st.stopping {
+        let blocked = self.blocked(&st, now);
+        let state = if st.stopping || st.closing {
             "stopped"
         } else if st.held.is_some() {
             "revoked"
-        } else if st.last_error.is_some() {
+        } else if st.last_error.is_some() || (blocked.is_some() && !servable) {
             match &current {
                 Some(k) if self.remaining(k) > self.policy.degraded_floor() => "degraded",
                 _ => "unavailable",
@@ -1234,6 +1106,8 @@ impl Slot {
                 .filter(|_| current.is_some())
                 .map(|r| (r - now).whole_seconds().max(0)),
             retired_keys: st.retired.len(),
+            failing_revokes: self.failing_revokes(&st),
+            unsettled_creates: self.unsettled(),
             counters: CountersSnapshot {
                 mints: get(&c.mints),
                 renewals: get(&c.renewals),
@@ -1244,6 +1118,7 @@ impl Slot {
                 unavailable: get(&c.unavailable),
             },
             last_error: st.last_error.as_ref().map(|(e, _)| e.to_string()),
+            blocked,
         }
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use keybroker::broker::{Broker, BrokerOptions, ProfileSpec, RenewPolicy, ServeError};
 use keybroker::clock::{positive, Clock};
 use keybroker::provider::Provider;
+use time::OffsetDateTime;
 
 use crate::fake_cloud::{FakeCloud, Faults};
 
@@ -32,6 +33,25 @@ fn broker_with(
         tag_prefix: TEST_TAG_PREFIX.to_string(),
         ..BrokerOptions::new(clock.clone())
     };
+    broker_with_options(provider, policy, prewarm, options)
+}
+
+/// Jitter at its maximum: every renewal as early as jitter allows.
+fn max_jitter(clock: &Clock, seed: u64) -> BrokerOptions {
+    BrokerOptions {
+        seed: Some(seed),
+        fixed_jitter: Some(1.0),
+        tag_prefix: TEST_TAG_PREFIX.to_string(),
+        ..BrokerOptions::new(clock.clone())
+    }
+}
+
+fn broker_with_options(
+    provider: Arc<dyn Provider>,
+    policy: RenewPolicy,
+    prewarm: bool,
+    options: BrokerOptions,
+) -> Broker {
     Broker::start(
         vec![ProfileSpec {
             name: "p".into(),
@@ -67,10 +87,51 @@ fn broker_for(
     )
 }
 
-/// 24 simulated hours of one provider, a request every simulated minute: renewals come before
-/// `renew_before`; every served key has at least `min_remaining` left and is live at the fake;
-/// every retired key is revoked by the end of its lease (for GleSYS the lease is the only
-/// expiry); the provider's key budget is respected; stop leaves no key alive.
+/// Checks, at a served key's `Expiration` − 1 s, that the key is still alive at the fake: the
+/// central promise. Keys whose check falls after `end` (stop revokes them) are not checked.
+#[derive(Clone, Default)]
+struct PromiseWatch {
+    broken: Arc<std::sync::Mutex<Vec<String>>>,
+    checked: Arc<std::sync::atomic::AtomicUsize>,
+    ended: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl PromiseWatch {
+    fn watch(&self, fake: &Arc<FakeCloud>, clock: &Clock, id: String, expiration: OffsetDateTime) {
+        let (me, fake, clock) = (self.clone(), Arc::clone(fake), clock.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep_until(clock.instant_at(expiration - Duration::from_secs(1))).await;
+            if me.ended.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            me.checked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let at_fake = fake.key(&id).expect("a served key exists at the fake");
+            let now = clock.now();
+            if at_fake.revoked_at.is_some() || at_fake.expires_at.is_some_and(|e| e <= now) {
+                me.broken.lock().unwrap().push(format!(
+                    "{id} served until {expiration} was dead at {now}: revoked at {:?}",
+                    at_fake.revoked_at
+                ));
+            }
+        });
+    }
+
+    /// Ends the watch (before stop) and returns the broken promises and the number checked.
+    fn end(&self) -> (Vec<String>, usize) {
+        self.ended.store(true, std::sync::atomic::Ordering::SeqCst);
+        (
+            self.broken.lock().unwrap().clone(),
+            self.checked.load(std::sync::atomic::Ordering::SeqCst),
+        )
+    }
+}
+
+/// 24 simulated hours of one provider with renewal jitter at its maximum, a request every
+/// simulated minute: every key served is alive at the fake at its served Expiration − 1 s;
+/// renewals come before `renew_before` (with a key budget, no later than the retired key's
+/// Expiration allows, and always before `min_remaining`); every served key has at least
+/// `min_remaining` left; every retired key is revoked by the end of its lease (for GleSYS the
+/// lease is the only expiry); the provider's key budget is respected; stop leaves no key alive.
 async fn a_day_of_renewals(provider: &str) {
     let clock = Clock::tokio();
     let fake = FakeCloud::new(clock.clone());
@@ -80,19 +141,22 @@ async fn a_day_of_renewals(provider: &str) {
         ..Faults::default()
     });
     let policy = hour_policy();
-    let broker = broker_with(
+    let broker = broker_with_options(
         fake.provider(provider, &clock, false),
-        &clock,
         policy,
         true,
-        7,
+        max_jitter(&clock, 7),
     );
+    let promise = PromiseWatch::default();
 
     let mut lease_end = std::collections::HashMap::new();
     let mut max_live = 0;
     for _ in 0..(24 * 60) {
         let key = broker.get("p").await.expect("a key every minute");
         let id = key.handle.access_key_id.clone();
+        if !lease_end.contains_key(&id) {
+            promise.watch(&fake, &clock, id.clone(), key.expires_at);
+        }
         let left = positive(key.expires_at - clock.now());
         assert!(
             left >= policy.min_remaining,
@@ -121,10 +185,16 @@ async fn a_day_of_renewals(provider: &str) {
     );
 
     let end = clock.now();
+    let (broken, checked) = promise.end();
+    assert!(broken.is_empty(), "{provider}: {broken:#?}");
+    assert!(
+        checked >= 45,
+        "{provider}: only {checked} served keys reached their Expiration"
+    );
     let report = broker
         .stop(tokio::time::Instant::now() + Duration::from_secs(20))
         .await;
-    assert!(report.unrevoked.is_empty(), "{provider}: {report:?}");
+    assert!(report.is_clean(), "{provider}: {report:?}");
     assert!(
         fake.live().is_empty(),
         "{provider}: keys alive after stop: {:?}",
@@ -143,19 +213,33 @@ async fn a_day_of_renewals(provider: &str) {
         keys.len(),
         "{provider}: no failed or duplicate creates"
     );
-    assert_eq!(
-        lease_end.len(),
+    // Every key minted was served, but perhaps one minted after the last request.
+    assert!(
+        lease_end.len() + 1 >= keys.len()
+            && keys
+                .iter()
+                .rev()
+                .skip(1)
+                .all(|k| lease_end.contains_key(&k.id)),
+        "{provider}: {} keys minted, {} served",
         keys.len(),
-        "{provider}: every key minted was served"
+        lease_end.len()
     );
     for pair in keys.windows(2) {
         let (old, new) = (&pair[0], &pair[1]);
         let old_end = lease_end[&old.id];
         // The successor was requested (the fake makes a key when the request arrives and
-        // answers `latency` later) before the old key got down to renew_before.
+        // answers `latency` later) before the old key got down to renew_before; under
+        // Crusoe's two-key budget it waits for the key before the old one to expire, and
+        // still comes before the old key gets down to min_remaining.
+        let renew_by = if provider == "crusoe" {
+            old_end - policy.min_remaining
+        } else {
+            old_end - policy.renew_before
+        };
         assert!(
-            new.created <= old_end - policy.renew_before,
-            "{provider}: key {} renewed at {} with less than renew_before left (lease ends {old_end})",
+            new.created <= renew_by,
+            "{provider}: key {} renewed at {} with too little left (lease ends {old_end})",
             old.id,
             new.created
         );

@@ -629,7 +629,12 @@ async fn upstream_refusals_are_one_line_with_the_providers_words() {
             &env.secret_file("bad-token", "not-the-token"),
             "",
         ),
-        crusoe("crusoe-secret", "CRUSOEUNKNOWNKEYID00", &wrong.to_string(), ""),
+        crusoe(
+            "crusoe-secret",
+            "CRUSOEUNKNOWNKEYID00",
+            &wrong.to_string(),
+            "",
+        ),
         crusoe(
             "crusoe-org",
             fake.crusoe_key_id(),

@@ -89,6 +89,15 @@ pub struct Faults {
     pub revoke_latency: Duration,
     /// Answer revokes as failed (500) without revoking.
     pub fail_revokes: bool,
+    /// Answer revokes with this status and message, without revoking.
+    pub revoke_status: Option<(u16, String)>,
+    /// Make the key of a create, then answer with this status instead of the key.
+    pub create_then_status: Option<u16>,
+    /// Answer every listing with 503.
+    pub fail_lists: bool,
+    /// With `create_latency`: the key lands at the end of the delay, not on arrival, and it
+    /// lands even if the caller gave up on the answer (the provider goes on with the create).
+    pub lands_late: bool,
 }
 
 /// The status the router uses to mean "drop this answer".
@@ -115,6 +124,8 @@ pub struct FakeCloud {
     state: Mutex<State>,
     /// Where keys really live, for the end-to-end tests: moto's IAM.
     mirror: Option<Arc<Moto>>,
+    /// This fake, for work that goes on after a caller gave up (a create that lands late).
+    me: std::sync::Weak<FakeCloud>,
 }
 
 fn random(n: usize) -> String {
@@ -162,7 +173,7 @@ impl FakeCloud {
     fn build(clock: Clock, mirror: Option<Arc<Moto>>) -> Arc<Self> {
         let mut secret = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut secret);
-        Arc::new(FakeCloud {
+        Arc::new_cyclic(|me| FakeCloud {
             clock,
             coreweave_token: format!("cwtoken-{}", random(24)),
             crusoe_key_id: format!("CRUSOEKEY{}", random(11).to_uppercase()),
@@ -171,6 +182,7 @@ impl FakeCloud {
             glesys_api_key: format!("glesys-{}", random(32)),
             state: Mutex::new(State::default()),
             mirror,
+            me: me.clone(),
         })
     }
 
@@ -487,11 +499,28 @@ impl FakeCloud {
         let is_revoke = path.starts_with("/v1/cwobject/revoke-access-key")
             || req.method() == Method::DELETE
             || path.ends_with("/deletecredential");
-        if is_revoke && self.faults().fail_revokes {
+        let faults = self.faults();
+        let refusal = match (&faults.revoke_status, faults.fail_revokes) {
+            (Some((status, message)), _) => Some((*status, message.clone())),
+            (None, true) => Some((500, "revoke failed (injected)".to_string())),
+            (None, false) => None,
+        };
+        if let Some((status, message)) = refusal.filter(|_| is_revoke) {
             self.count("revoke");
-            let body = json!({"code": "internal_error", "message": "revoke failed (injected)",
-                "response": {"status": {"code": 500, "text": "revoke failed (injected)"}}});
-            return reply(StatusCode::INTERNAL_SERVER_ERROR, body);
+            self.count("revoke_refused");
+            let body = json!({"code": status.to_string(), "message": message,
+                "response": {"status": {"code": status, "text": message}}});
+            return reply(StatusCode::from_u16(status).unwrap(), body);
+        }
+        let is_list = (req.method() == Method::GET
+            && (path == "/v1/cwobject/access-key" || path.ends_with("/storage/s3/keys")))
+            || path.ends_with("/instancedetails");
+        if is_list && faults.fail_lists {
+            self.count("list");
+            self.count("list_failed");
+            let body = json!({"code": "unavailable", "message": "listing is down (injected)",
+                "response": {"status": {"code": 503, "text": "listing is down (injected)"}}});
+            return reply(StatusCode::SERVICE_UNAVAILABLE, body);
         }
         if path.starts_with("/v1/cwobject/") {
             self.coreweave(req).await
@@ -862,7 +891,6 @@ impl FakeCloud {
                 None,
             ),
         };
-        let now = self.clock.now();
         let key = FakeKey {
             provider,
             handle: if provider == "glesys" {
@@ -873,13 +901,58 @@ impl FakeCloud {
             id,
             secret,
             tag,
-            created: now,
-            expires_at: lifetime.map(|l| now + l),
+            created: self.clock.now(),
+            expires_at: None,
             revoked_at: None,
             foreign: false,
             iam_user,
         };
+        let key = if faults.lands_late && !faults.create_latency.is_zero() {
+            // The provider carries the create out after the delay, whether or not the caller
+            // still waits for the answer.
+            let me = self.me.upgrade().expect("the fake is alive");
+            let latency = faults.create_latency;
+            let landing = tokio::spawn(async move {
+                tokio::time::sleep(latency).await;
+                me.land(key, lifetime)
+            });
+            landing.await.unwrap()
+        } else {
+            self.land(key, lifetime)
+        };
         let drop_answer = {
+            let mut st = self.lock();
+            let drop_answer = st.faults.drop_create_responses > 0;
+            if drop_answer {
+                st.faults.drop_create_responses -= 1;
+            }
+            drop_answer
+        };
+        // The key exists from the moment the request arrived; only the answer is slow.
+        if !faults.create_latency.is_zero() && !faults.lands_late {
+            tokio::time::sleep(faults.create_latency).await;
+        }
+        if let Some(status) = faults.create_then_status {
+            self.count("failed_after_create");
+            return Err(error(
+                StatusCode::from_u16(status).unwrap(),
+                "internal error after the key was made (injected)",
+            ));
+        }
+        if drop_answer {
+            self.count("dropped");
+            return Err(Response::builder().status(DROP).body(Bytes::new()).unwrap());
+        }
+        Ok(key)
+    }
+
+    /// Puts a new key into the store, created now with `lifetime`.
+    fn land(&self, mut key: FakeKey, lifetime: Option<Duration>) -> FakeKey {
+        let now = self.clock.now();
+        key.created = now;
+        key.expires_at = lifetime.map(|l| now + l);
+        let provider = key.provider;
+        {
             let mut st = self.lock();
             st.keys.insert(key.id.clone(), key.clone());
             let live = st
@@ -889,21 +962,8 @@ impl FakeCloud {
                 .count();
             let peak = st.peak_live.entry(provider).or_default();
             *peak = (*peak).max(live);
-            let drop_answer = st.faults.drop_create_responses > 0;
-            if drop_answer {
-                st.faults.drop_create_responses -= 1;
-            }
-            drop_answer
-        };
-        // The key exists from the moment the request arrived; only the answer is slow.
-        if !faults.create_latency.is_zero() {
-            tokio::time::sleep(faults.create_latency).await;
         }
-        if drop_answer {
-            self.count("dropped");
-            return Err(Response::builder().status(DROP).body(Bytes::new()).unwrap());
-        }
-        Ok(key)
+        key
     }
 
     /// Revokes a key of `provider` by id; false if it is unknown or already revoked.

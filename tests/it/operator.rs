@@ -456,7 +456,11 @@ async fn under_systemd_logs_go_to_journald_with_fields() {
     assert_eq!(minted["PROVIDER"], "coreweave");
     assert_eq!(minted["PRIORITY"], "6");
     assert_eq!(minted["SYSLOG_IDENTIFIER"], "keybroker");
-    assert_eq!(find("revoked key at stop")["KEY_ID"], key);
+    let revoked = find("revoked key");
+    assert_eq!(
+        (revoked["KEY_ID"].as_str(), revoked["WHY"].as_str()),
+        (key.as_str(), "stop")
+    );
     assert!(entries.len() >= 5, "{entries:?}");
     for (raw, _) in &entries {
         for secret in fake.secrets().iter().chain([&fake.token().to_string()]) {
