@@ -673,6 +673,7 @@ impl Slot {
             self.current.store(None);
             st.renew_at = None;
         }
+        self.bound_retired(&mut st);
         let next_revoke = st.retired.iter().map(|r| r.revoke_at).min();
         let rotate = st.rotations_asked > st.rotations_started;
         let due = match (&*self.current.load(), st.renew_at) {

@@ -13,7 +13,7 @@ use crate::fake_cloud::{FakeCloud, Faults};
 
 const MIN: Duration = Duration::from_secs(60);
 
-fn hour_policy() -> RenewPolicy {
+pub(crate) fn hour_policy() -> RenewPolicy {
     RenewPolicy {
         lifetime: 60 * MIN,
         renew_before: 30 * MIN,
@@ -37,7 +37,7 @@ fn broker_with(
 }
 
 /// Jitter at its maximum: every renewal as early as jitter allows.
-fn max_jitter(clock: &Clock, seed: u64) -> BrokerOptions {
+pub(crate) fn max_jitter(clock: &Clock, seed: u64) -> BrokerOptions {
     BrokerOptions {
         seed: Some(seed),
         fixed_jitter: Some(1.0),
@@ -46,7 +46,7 @@ fn max_jitter(clock: &Clock, seed: u64) -> BrokerOptions {
     }
 }
 
-fn broker_with_options(
+pub(crate) fn broker_with_options(
     provider: Arc<dyn Provider>,
     policy: RenewPolicy,
     prewarm: bool,
@@ -67,7 +67,7 @@ fn broker_with_options(
 }
 
 /// The tag prefix of the brokers in these tests.
-const TEST_TAG_PREFIX: &str = "keybroker-test-0000cafe-";
+pub(crate) const TEST_TAG_PREFIX: &str = "keybroker-test-0000cafe-";
 
 /// A broker for profile `p` of CoreWeave against `fake`, with the right token or a wrong one.
 fn broker_for(
@@ -90,14 +90,20 @@ fn broker_for(
 /// Checks, at a served key's `Expiration` − 1 s, that the key is still alive at the fake: the
 /// central promise. Keys whose check falls after `end` (stop revokes them) are not checked.
 #[derive(Clone, Default)]
-struct PromiseWatch {
+pub(crate) struct PromiseWatch {
     broken: Arc<std::sync::Mutex<Vec<String>>>,
     checked: Arc<std::sync::atomic::AtomicUsize>,
     ended: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl PromiseWatch {
-    fn watch(&self, fake: &Arc<FakeCloud>, clock: &Clock, id: String, expiration: OffsetDateTime) {
+    pub(crate) fn watch(
+        &self,
+        fake: &Arc<FakeCloud>,
+        clock: &Clock,
+        id: String,
+        expiration: OffsetDateTime,
+    ) {
         let (me, fake, clock) = (self.clone(), Arc::clone(fake), clock.clone());
         tokio::spawn(async move {
             tokio::time::sleep_until(clock.instant_at(expiration - Duration::from_secs(1))).await;
@@ -117,7 +123,7 @@ impl PromiseWatch {
     }
 
     /// Ends the watch (before stop) and returns the broken promises and the number checked.
-    fn end(&self) -> (Vec<String>, usize) {
+    pub(crate) fn end(&self) -> (Vec<String>, usize) {
         self.ended.store(true, std::sync::atomic::Ordering::SeqCst);
         (
             self.broken.lock().unwrap().clone(),

@@ -8,5 +8,6 @@ mod fake_cloud;
 mod harness;
 mod moto;
 mod operator;
+mod promise;
 mod recovery;
 mod systemd;

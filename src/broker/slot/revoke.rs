@@ -191,16 +191,16 @@ impl Slot {
         }
     }
 
-    /// Keeps the retired list within [`MAX_RETIRED`]: past it, keys that expired by
-    /// themselves and whose revoke failed leave the list, oldest first (the ledger keeps them
-    /// for the next start or `keybroker sweep`).
+    /// Keeps room for one more key in the retired list ([`MAX_RETIRED`]): when it is full,
+    /// keys that expired by themselves and whose revoke failed leave it, oldest first (the
+    /// ledger keeps them for the next start or `keybroker sweep`).
     pub(super) fn bound_retired(&self, st: &mut State) {
-        if st.retired.len() <= MAX_RETIRED || !expire_by_themselves(self.provider.kind()) {
+        if st.retired.len() < MAX_RETIRED || !expire_by_themselves(self.provider.kind()) {
             return;
         }
         let now = self.clock.now();
         st.retired.sort_by_key(|r| r.key.expires_at);
-        while st.retired.len() > MAX_RETIRED {
+        while st.retired.len() >= MAX_RETIRED {
             let Some(i) = st
                 .retired
                 .iter()
