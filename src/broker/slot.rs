@@ -791,8 +791,11 @@ impl Slot {
                 }
             }
             // No answer, or one we could not read: the key may exist, or land later.
-            Err(ProviderError::Lost(_) | ProviderError::Malformed(_)) => {
-                self.add_lost(lease, tag, self.clock.now());
+            Err(ProviderError::Lost(_)) => self.add_lost(lease, tag, true),
+            // Answered, but with a server error or an unreadable success: the key may exist,
+            // and one listing tells.
+            Err(ProviderError::MayExist(_) | ProviderError::Malformed(_)) => {
+                self.add_lost(lease, tag, false)
             }
             // The provider answered no: nothing was made.
             Err(_) => self.journal_revoked(lease),

@@ -317,7 +317,7 @@ mod tests {
             )]);
             let e = cw.mint("keybroker-1", hour).await.unwrap_err();
             assert!(
-                matches!(&e, ProviderError::Lost(m) if m.contains("create access key") && m.contains("backend hiccup")),
+                matches!(&e, ProviderError::MayExist(m) if m.contains("create access key") && m.contains("backend hiccup")),
                 "{status}: {e:?}"
             );
         }

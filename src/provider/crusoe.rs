@@ -759,7 +759,7 @@ mod tests {
             )]);
             let e = crusoe.mint("keybroker-a", HOUR).await.unwrap_err();
             assert!(
-                matches!(&e, ProviderError::Lost(m) if m.contains("create key") && m.contains("storage backend unavailable")),
+                matches!(&e, ProviderError::MayExist(m) if m.contains("create key") && m.contains("storage backend unavailable")),
                 "{status}: {e:?}"
             );
         }

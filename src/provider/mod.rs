@@ -72,6 +72,10 @@ pub enum ProviderError {
     /// create). For a create, the key may exist: it is found by its tag before any new create.
     #[error("{0}")]
     Lost(String),
+    /// A create was answered with a server error: the provider may have made the key before
+    /// failing. Unlike [`ProviderError::Lost`] the call has ended, so one listing settles it.
+    #[error("{0}")]
+    MayExist(String),
     /// 429: retry no sooner than `retry_after` when the provider said so.
     #[error("{message}")]
     RateLimited {
@@ -99,7 +103,10 @@ impl ProviderError {
     /// fix quickly wait longer, so a crowd of clients cannot turn into a retry storm.
     pub fn retry_floor(&self) -> Duration {
         match self {
-            ProviderError::Transient(_) | ProviderError::Lost(_) | ProviderError::Malformed(_) => {
+            ProviderError::Transient(_)
+            | ProviderError::Lost(_)
+            | ProviderError::MayExist(_)
+            | ProviderError::Malformed(_) => {
                 Duration::from_secs(1)
             }
             ProviderError::RateLimited { retry_after, .. } => retry_after
@@ -116,6 +123,7 @@ impl ProviderError {
         match self {
             ProviderError::Transient(_) => "transient",
             ProviderError::Lost(_) => "lost",
+            ProviderError::MayExist(_) => "may_exist",
             ProviderError::RateLimited { .. } => "rate_limited",
             ProviderError::Auth(_) => "auth",
             ProviderError::Rejected(_) => "rejected",
@@ -160,14 +168,16 @@ pub fn server_error(status: ::http::StatusCode, message: String) -> ProviderErro
     }
 }
 
-/// The error for a refused create. A 5xx answer, whatever the provider or gateway meant by it,
-/// may come after the key was made, so it is [`ProviderError::Lost`] and the broker finds the key
-/// by its tag before the next create; any other refusal keeps its variant.
+/// The error for a refused create. A 5xx answer may come after the key was made, so the
+/// broker finds the key by its tag before the next create: from the provider itself it is
+/// [`ProviderError::MayExist`] (the create has ended); from a gateway that gave up waiting
+/// (502, 504) it stays [`ProviderError::Lost`] (the create may still land). Any other refusal
+/// keeps its variant.
 pub fn refused_create(status: ::http::StatusCode, err: ProviderError) -> ProviderError {
-    if status.is_server_error() {
-        ProviderError::Lost(err.to_string())
-    } else {
-        err
+    match err {
+        ProviderError::Lost(_) => err,
+        _ if status.is_server_error() => ProviderError::MayExist(err.to_string()),
+        _ => err,
     }
 }
 

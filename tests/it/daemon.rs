@@ -292,7 +292,7 @@ async fn sigterm_revokes_every_key_and_exits_0() {
     assert!(!env.socket().exists(), "socket removed at stop");
     let logs = daemon.logs();
     assert!(
-        logs.contains("revoked key at stop") && logs.contains("stopped"),
+        logs.contains("revoked key") && logs.contains("why=\"stop\"") && logs.contains("stopped"),
         "{logs}"
     );
 }

@@ -80,13 +80,15 @@ impl Slot {
         self.lost.lock().expect("lost creates lock poisoned")
     }
 
-    /// Records a create whose outcome is unknown; it is looked for at once.
-    pub(super) fn add_lost(&self, lease: &str, tag: &str, ended_at: OffsetDateTime) {
+    /// Records a create whose outcome is unknown; it is looked for at once. `may_land`: no
+    /// answer came, so the provider may still be carrying it out.
+    pub(super) fn add_lost(&self, lease: &str, tag: &str, may_land: bool) {
+        let now = self.clock.now();
         let mut lost = self.lost();
         lost.pending.push(Pending {
             lease: lease.to_string(),
             tag: tag.to_string(),
-            ended_at,
+            ended_at: if may_land { now } else { now - LANDING_GRACE },
         });
         lost.looks = 0;
         lost.next_look = Some(self.clock.now());
