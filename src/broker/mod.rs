@@ -126,11 +126,26 @@ impl StopReport {
     }
 }
 
+/// A prewarmed profile that has no key to serve now (see [`Broker::not_ready`]). Nothing
+/// secret: no key id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotReady {
+    /// Profile name.
+    pub profile: String,
+    /// Its state word, as status shows it (`cold`, `minting`, `unavailable`, ...).
+    pub state: &'static str,
+    /// What keeps it from minting, or the provider's last error; `None` when nothing failed
+    /// (no mint started yet or one under way, an operator's revoke, a stop).
+    pub reason: Option<String>,
+}
+
 /// A running profile.
 #[derive(Clone)]
 struct Entry {
     slot: Arc<Slot>,
     revoke_on_shutdown: bool,
+    /// Minted at start: readiness waits for its key.
+    prewarm: bool,
 }
 
 /// The set of profile slots and their driver tasks. Profiles can be added and removed while
@@ -196,6 +211,7 @@ impl Broker {
         let rng = SmallRng::seed_from_u64(self.seeder.lock().expect("seeder lock").gen());
         let name = spec.name.clone();
         let revoke_on_shutdown = spec.revoke_on_shutdown;
+        let prewarm = spec.prewarm;
         let slot = Arc::new(Slot::new(spec, rng, self.context.clone()));
         self.tasks
             .spawn(Arc::clone(&slot).drive(self.cancel.child_token()));
@@ -205,6 +221,7 @@ impl Broker {
             Entry {
                 slot,
                 revoke_on_shutdown,
+                prewarm,
             },
         );
         self.slots.store(Arc::new(map));
@@ -280,6 +297,29 @@ impl Broker {
             .load()
             .iter()
             .map(|(name, e)| (name.clone(), e.slot.provider().kind(), e.slot.status()))
+            .collect()
+    }
+
+    /// The prewarmed profiles that would not answer a request with a key now (readiness):
+    /// every state but `ready`, `renewing` and `degraded` (which serves the last key).
+    /// Profiles with `prewarm = false` mint on first request and are not listed.
+    pub fn not_ready(&self) -> Vec<NotReady> {
+        self.slots
+            .load()
+            .iter()
+            .filter(|(_, e)| e.prewarm)
+            .filter_map(|(name, e)| {
+                let status = e.slot.status();
+                if matches!(status.state, "ready" | "renewing" | "degraded") {
+                    return None;
+                }
+                let failed = |err| format!("the {} API failed: {err}", e.slot.provider().kind());
+                Some(NotReady {
+                    profile: name.clone(),
+                    state: status.state,
+                    reason: status.blocked.or(status.last_error.map(failed)),
+                })
+            })
             .collect()
     }
 

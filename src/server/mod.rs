@@ -241,6 +241,7 @@ pub async fn handle(app: &App, peer: Peer, req: Request<Incoming>) -> Response<B
                 .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
             resp
         }
+        "/readyz" => readiness(app),
         "/v1/status" => {
             if !app.access.load().is_admin(peer) {
                 return forbidden(peer, "status is for root and the daemon's user");
@@ -459,6 +460,37 @@ async fn credentials(app: &App, peer: Peer, profile: &str) -> Response<Body> {
             resp
         }
     }
+}
+
+/// `GET /readyz`: 200 `{"ready": true}` when every prewarmed profile has a key it would serve
+/// now, else 503 naming those that have none and why. For any peer that can connect: it tells
+/// profile names and states, never a key id.
+fn readiness(app: &App) -> Response<Body> {
+    let not_ready = app.broker.not_ready();
+    if not_ready.is_empty() {
+        return json_ok(&serde_json::json!({ "ready": true }));
+    }
+    let profiles: Vec<serde_json::Value> = not_ready
+        .into_iter()
+        .map(|p| {
+            let reason = p.reason.unwrap_or_else(|| match p.state {
+                "cold" => "no key to serve: no mint has started yet".to_string(),
+                "minting" => "no key to serve yet: a mint is under way".to_string(),
+                "revoked" => format!(
+                    "an operator revoked its keys; `keybroker rotate {}` mints a new one",
+                    p.profile
+                ),
+                "stopped" => "keybroker is stopping".to_string(),
+                _ => "no key it may serve".to_string(),
+            });
+            serde_json::json!({ "profile": p.profile, "state": p.state, "reason": reason })
+        })
+        .collect();
+    let body = serde_json::json!({ "ready": false, "profiles": profiles });
+    json_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        Bytes::from(body.to_string() + "\n"),
+    )
 }
 
 fn metrics_body(app: &App) -> String {

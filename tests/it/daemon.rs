@@ -739,3 +739,131 @@ fn peers_a_profile_does_not_allow_get_403_and_no_key() {
     }
     assert!(daemon.stop(Duration::from_secs(25)).0.success());
 }
+
+/// `/readyz` answers 503 naming a prewarmed profile whose first mint failed, with the
+/// provider's words, and 200 once it has a key; a `prewarm = false` profile without a key does
+/// not count. `/healthz` answers 200 throughout. Both answer any peer that can connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_waits_for_every_prewarmed_profile() {
+    let fake = FakeCloud::new(Clock::System);
+    let url = fake.serve().await;
+    // A 429, not a 5xx: a create answered 5xx may still land, and would leave the stop
+    // unclean until the landing grace has passed.
+    fake.set_faults(Faults {
+        create_status: Some((429, "slow down".into())),
+        retry_after: Some(1),
+        ..Faults::default()
+    });
+    let env = Env::new();
+    let token = env.secret_file("cw-token", fake.token());
+    let config = env.config(&format!(
+        "[server]\nsocket_mode = \"0666\"\n{}{}",
+        coreweave_profile("train", &url, &token, ""),
+        coreweave_profile("lazy", &url, &token, "prewarm = false"),
+    ));
+    let mut daemon = tokio::task::block_in_place(|| env.serve(&config, "info"));
+    let socket = daemon.socket.clone();
+    let readyz = || async {
+        let (status, headers, body) = get(&socket, "/readyz").await;
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        (status, headers, v)
+    };
+
+    // The first mint fails: not ready, and the answer says which profile and why.
+    let start = Instant::now();
+    let (headers, body) = loop {
+        let (status, headers, v) = readyz().await;
+        if v["profiles"][0]["state"] == "unavailable" {
+            assert_eq!(status, 503, "{v}");
+            break (headers, v);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the failed prewarm never shows: {status} {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(headers["cache-control"], "no-store");
+    assert_eq!(body["ready"], false, "{body}");
+    let profiles = body["profiles"].as_array().unwrap();
+    assert_eq!(
+        profiles.len(),
+        1,
+        "only the prewarmed profile counts: {body}"
+    );
+    assert_eq!(profiles[0]["profile"], "train");
+    let reason = profiles[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("the coreweave API failed: ") && reason.contains("slow down"),
+        "{reason}"
+    );
+    let (status, headers, body) = request(&socket, http::Method::HEAD, "/readyz").await;
+    assert_eq!((status, body.len()), (503, 0));
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(
+        get(&socket, "/healthz").await.0,
+        200,
+        "liveness is not readiness"
+    );
+
+    if rustix::process::getuid().is_root() {
+        // A peer that may read no profile, nor status, may still ask.
+        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::process::CommandExt;
+        std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let as_nobody = |path: &str| {
+            let url = format!("http://kb{path}");
+            let socket = socket.to_str().unwrap();
+            let out = env
+                .program(
+                    "curl",
+                    &["-s", "-w", "\n%{http_code}", "--unix-socket", socket, &url],
+                )
+                .uid(65534)
+                .gid(65534)
+                .output()
+                .expect("running curl");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let ready = tokio::task::block_in_place(|| as_nobody("/readyz"));
+        assert!(
+            ready.ends_with("\n503") && ready.contains("\"profile\":\"train\""),
+            "{ready}"
+        );
+        assert_eq!(
+            tokio::task::block_in_place(|| as_nobody("/healthz")),
+            "ok\n\n200"
+        );
+        assert!(tokio::task::block_in_place(|| as_nobody("/v1/status")).ends_with("\n403"));
+    }
+
+    // The provider is back: ready once the profile has a key (a request asks for one as soon
+    // as the last failure's floor has passed; the driver's backoff would get there too).
+    fake.set_faults(Faults::default());
+    let start = Instant::now();
+    let body = loop {
+        let (status, _, v) = readyz().await;
+        if status == 200 {
+            break v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "still not ready: {status} {v}"
+        );
+        let _ = get(&socket, "/v1/credentials/train").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(body, serde_json::json!({ "ready": true }));
+    assert_eq!(
+        fake.live().len(),
+        1,
+        "one key, train's: lazy minted nothing"
+    );
+    let (status, _, body) = request(&socket, http::Method::HEAD, "/readyz").await;
+    assert_eq!((status, body.len()), (200, 0));
+
+    let (status, _) = stop(&mut daemon, Duration::from_secs(25));
+    assert!(status.success(), "{}", daemon.logs());
+    assert!(fake.live().is_empty(), "{:?}", fake.live());
+}
