@@ -1071,7 +1071,11 @@ impl Slot {
         let servable = current
             .as_ref()
             .is_some_and(|k| self.remaining(k) >= self.policy.min_remaining);
-        let blocked = self.blocked(&st, now);
+        // Only a mint that is wanted now can be held up.
+        let wanted = !servable
+            || st.renew_at.is_some_and(|r| r <= now)
+            || st.rotations_asked > st.rotations_started;
+        let blocked = self.blocked(&st, now).filter(|_| wanted && st.held.is_none());
         let state = if st.stopping || st.closing {
             "stopped"
         } else if st.held.is_some() {

@@ -162,10 +162,10 @@ impl Slot {
         let _done = PassDone(&self.passes, pass);
         let mut due = due.into_iter();
         while let Some(mut r) = due.next() {
-            let why = if r.served_until > self.clock.now() {
-                "revoked by an operator"
-            } else {
+            let why = if r.key.expires_at <= self.clock.now() {
                 "retired and past its expiry"
+            } else {
+                "never served, or revoked by an operator"
             };
             let outcome = tokio::select! {
                 outcome = self.revoke_key(&r.key, why) => outcome,
