@@ -1075,7 +1075,9 @@ impl Slot {
         let wanted = !servable
             || st.renew_at.is_some_and(|r| r <= now)
             || st.rotations_asked > st.rotations_started;
-        let blocked = self.blocked(&st, now).filter(|_| wanted && st.held.is_none());
+        let blocked = self
+            .blocked(&st, now)
+            .filter(|_| wanted && st.held.is_none());
         let state = if st.stopping || st.closing {
             "stopped"
         } else if st.held.is_some() {

@@ -106,9 +106,7 @@ impl ProviderError {
             ProviderError::Transient(_)
             | ProviderError::Lost(_)
             | ProviderError::MayExist(_)
-            | ProviderError::Malformed(_) => {
-                Duration::from_secs(1)
-            }
+            | ProviderError::Malformed(_) => Duration::from_secs(1),
             ProviderError::RateLimited { retry_after, .. } => retry_after
                 .unwrap_or(Duration::from_secs(5))
                 .max(Duration::from_secs(1)),

@@ -1,7 +1,9 @@
 //! systemd integration: the notify protocol on a real datagram socket, socket activation with
 //! LISTEN_FDS, and the unit files judged by systemd-analyze.
 
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixDatagram, UnixListener};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -224,6 +226,177 @@ fn unit_files_pass_systemd_analyze() {
         stop > keybroker::config::DEFAULT_SHUTDOWN_TIMEOUT.as_secs(),
         "TimeoutStopSec={stop}"
     );
+}
+
+/// The bare name each provider's secret has in the README and the example config, under the
+/// profile key that names it.
+const SECRET_NAMES: [(&str, &str, &str); 3] = [
+    ("glesys", "api_key_file", "glesys-key"),
+    ("coreweave", "token_file", "coreweave-token"),
+    ("crusoe", "secret_key_file", "crusoe-secret"),
+];
+
+/// An install that uses one provider (GleSYS, then each other one) has only that provider's
+/// secret in /etc/keybroker. The shipped unit, its paths moved under a temp root, passes
+/// `systemd-analyze verify`; systemd would start it without the other providers' files; and the
+/// daemon, started by the unit's ExecStart= with the credentials directory systemd would make,
+/// serves the profile from the fake cloud.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_provider_install_starts_without_the_other_providers_secrets() {
+    let fake = FakeCloud::new(Clock::System);
+    let url = fake.serve().await;
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/keybroker.service"
+    ))
+    .unwrap();
+    for (provider, key, name) in SECRET_NAMES {
+        let env = Env::new();
+        let root = env.path("root");
+        let etc = root.join("etc/keybroker");
+        std::fs::create_dir_all(&etc).unwrap();
+        let unit = shipped
+            .replace("/usr/local/bin/keybroker", BIN)
+            .replace("/etc/keybroker", etc.to_str().unwrap());
+        std::fs::write(root.join("keybroker.service"), &unit).unwrap();
+        let verify = std::process::Command::new("systemd-analyze")
+            .args(["verify", "keybroker.service"])
+            .current_dir(&root)
+            .output()
+            .expect("systemd-analyze (package systemd) is needed; ./scripts/test.sh installs it");
+        let said = String::from_utf8_lossy(&verify.stderr).into_owned()
+            + &String::from_utf8_lossy(&verify.stdout);
+        assert!(
+            verify.status.success() && said.trim().is_empty(),
+            "verify: {said}"
+        );
+
+        // The fake's profile, its secret moved to /etc/keybroker under the bare name.
+        let profile = fake.profile_toml(provider, "p", &url, &env, "");
+        let prefix = format!("{key} = ");
+        let config: String = profile
+            .lines()
+            .map(|line| match line.strip_prefix(&prefix) {
+                Some(path) => {
+                    std::fs::rename(path.trim_matches('"'), etc.join(name)).unwrap();
+                    format!("{key} = \"{name}\"\n")
+                }
+                None => format!("{line}\n"),
+            })
+            .collect();
+        std::fs::write(etc.join("keybroker.toml"), config).unwrap();
+        let mut present: Vec<_> = std::fs::read_dir(&etc)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        present.sort();
+        assert_eq!(present, [name, "keybroker.toml"]);
+
+        let credentials = root.join("run/credentials/keybroker.service");
+        if let Err(why) = load_credentials(&unit, &credentials) {
+            panic!("systemd would not start the unit with only {name}: {why}");
+        }
+        let exec = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStart="))
+            .unwrap();
+        let argv: Vec<&str> = exec.split_whitespace().collect();
+        let log = env.path("daemon.log");
+        let child = env
+            .program(argv[0], &argv[1..])
+            .env("CREDENTIALS_DIRECTORY", &credentials)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut daemon = Daemon {
+            child: Some(child),
+            log,
+            socket: env.socket(),
+        };
+        tokio::task::block_in_place(|| daemon.wait_ready());
+        let (code, stdout, stderr) =
+            tokio::task::block_in_place(|| env.run(&["credential-process", "--profile", "p"]));
+        assert_eq!(code, 0, "{provider}: {stderr}\n{}", daemon.logs());
+        let live = fake.live();
+        assert!(
+            live.len() == 1
+                && live[0].provider == provider
+                && stdout.contains(&format!("\"AccessKeyId\":\"{}\"", live[0].id)),
+            "{provider}: served {stdout}, the fake holds {live:?}"
+        );
+        let (status, _) = tokio::task::block_in_place(|| daemon.stop(Duration::from_secs(25)));
+        assert!(status.success(), "{provider}: {}", daemon.logs());
+        assert!(
+            fake.live().is_empty(),
+            "{provider}: a key outlived the stop"
+        );
+        // systemd made the directory read-only; make it removable again.
+        std::fs::set_permissions(&credentials, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+}
+
+/// Fills `dir` as systemd fills `$CREDENTIALS_DIRECTORY` from the unit's credential settings,
+/// per systemd.exec(5) (systemd 252, "Credentials"): LoadCredential=ID:PATH copies the file
+/// PATH to ID; if PATH is missing, that is fatal to the unit (status 243/CREDENTIALS) unless a
+/// SetCredential= of the same ID exists, whose VALUE (C escapes allowed) then becomes ID. Files
+/// and directory end up read-only for the service's user. Settings it does not model (directory
+/// or credstore sources, encrypted or imported credentials) fail the test rather than pass by
+/// accident.
+fn load_credentials(unit: &str, dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).unwrap();
+    let settings: Vec<(&str, &str)> = unit
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#') && !l.starts_with(';'))
+        .filter_map(|l| l.split_once('='))
+        .collect();
+    let defaults: Vec<(&str, &str)> = settings
+        .iter()
+        .filter(|(k, _)| *k == "SetCredential")
+        .map(|(_, v)| v.split_once(':').expect("SetCredential=ID:VALUE"))
+        .collect();
+    let write = |id: &str, data: &[u8]| {
+        let path = dir.join(id);
+        std::fs::write(&path, data).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+    };
+    for (key, value) in &settings {
+        match *key {
+            "LoadCredential" => {
+                let (id, source) = value.split_once(':').expect("LoadCredential=ID:PATH");
+                let source = Path::new(source);
+                assert!(
+                    source.is_absolute() && !source.is_dir(),
+                    "not modelled: {key}={value}"
+                );
+                match std::fs::read(source) {
+                    Ok(data) => write(id, &data),
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::NotFound
+                            && defaults.iter().any(|(d, _)| *d == id) => {}
+                    Err(e) => return Err(format!("{key}={value}: {e}")),
+                }
+            }
+            "LoadCredentialEncrypted" | "SetCredentialEncrypted" | "ImportCredential" => {
+                panic!("not modelled: {key}={value}")
+            }
+            _ => {}
+        }
+    }
+    for (id, value) in defaults {
+        let value = value.replace("\\n", "\n");
+        assert!(
+            !value.contains('\\'),
+            "not modelled: SetCredential={id}:{value}"
+        );
+        if !dir.join(id).exists() {
+            write(id, value.as_bytes());
+        }
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o500)).unwrap();
+    Ok(())
 }
 
 /// SIGHUP with a profile added, one removed and one unchanged: the removed profile is served no
