@@ -382,7 +382,7 @@ mod tests {
                 .await
                 .unwrap_err();
             assert!(
-                matches!(&e, ProviderError::MayExist(m) if m.contains("createcredential") && m.contains("Internal error")),
+                matches!(&e, ProviderError::MayExist(m) | ProviderError::Lost(m) if matches!(e, ProviderError::Lost(_)) == matches!(status, 502 | 504) && m.contains("createcredential") && m.contains("Internal error")),
                 "{status}: {e:?}"
             );
         }
