@@ -264,6 +264,9 @@ pub struct SlotStatus {
     pub retired_keys: usize,
     /// Retired keys whose revocation failed, with the provider's words; retried.
     pub failing_revokes: Vec<FailingRevoke>,
+    /// Retired keys given up on in this run because more than [`MAX_RETIRED`] could not be
+    /// revoked (each had expired by itself; the ledger keeps them for the next start).
+    pub retired_given_up: u64,
     /// Creates whose outcome is unknown: their key, if it exists, is looked for by tag.
     pub unsettled_creates: Vec<UnsettledCreate>,
     /// Counters.
@@ -288,6 +291,7 @@ impl SlotStatus {
             renews_in_seconds: None,
             retired_keys: 0,
             failing_revokes: Vec::new(),
+            retired_given_up: 0,
             unsettled_creates: Vec::new(),
             counters: CountersSnapshot {
                 mints: 0,
@@ -1117,6 +1121,7 @@ impl Slot {
                 .map(|r| (r - now).whole_seconds().max(0)),
             retired_keys: st.retired.len(),
             failing_revokes: self.failing_revokes(&st),
+            retired_given_up: st.dropped_retired,
             unsettled_creates: self.unsettled(),
             counters: CountersSnapshot {
                 mints: get(&c.mints),

@@ -131,6 +131,10 @@ async fn refused_revokes_keep_renewals_going_within_a_bounded_retired_list() {
         "{refused:?}"
     );
     assert!(status.blocked.is_none(), "{status:?}");
+    assert!(
+        status.retired_given_up > 0,
+        "the bound was reached: {status:?}"
+    );
 
     let slots = broker.slots();
     let samples: Vec<keybroker::metrics::ProfileSample> = slots
