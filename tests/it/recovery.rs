@@ -163,7 +163,17 @@ async fn kill_9_at_fifty_moments_leaves_nothing_behind_after_restart() {
     let mut last: Daemon = tokio::task::block_in_place(|| env.serve(&config, "info"));
     assert!(leftovers(&fake, started).is_empty());
     let (status, _) = tokio::task::block_in_place(|| last.stop(Duration::from_secs(15)));
-    assert!(status.success(), "{}", last.logs());
+    // A kill during a create leaves a lease whose key may still land for two minutes: a stop
+    // within them exits 1 naming it (and nothing else), for the next start to settle.
+    let logs = last.logs();
+    let exit = logs.lines().last().unwrap_or_default();
+    assert!(
+        status.success()
+            || (status.code() == Some(1)
+                && exit.contains("whose key may exist or still land")
+                && !exit.contains("unrevoked")),
+        "{logs}"
+    );
     assert!(
         fake.live().is_empty(),
         "alive at the end: {:?}",
