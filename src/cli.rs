@@ -45,6 +45,10 @@ pub enum Command {
         /// Daemon socket [default: $KEYBROKER_SOCKET, else the per-user default].
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
+        /// How long to wait for the daemon's answer, e.g. 30s or 2m. The default is as long as
+        /// the daemon waits for a cold profile's first key, plus a margin.
+        #[arg(long, value_name = "DURATION", default_value_t = default_timeout())]
+        timeout: String,
     },
     /// Show every profile's key, expiry, next renewal, state and last error.
     Status {
@@ -125,6 +129,12 @@ pub enum Command {
     },
 }
 
+/// `credential-process --timeout`'s default as written on the command line (main parses it
+/// with the given values).
+fn default_timeout() -> String {
+    humantime::format_duration(crate::client::CREDENTIALS_TIMEOUT).to_string()
+}
+
 /// Sections of keybroker(1) that clap does not describe: exit codes, environment and files.
 const MAN_EXTRA: &str = r#".SH "EXIT STATUS"
 .TP
@@ -132,7 +142,7 @@ const MAN_EXTRA: &str = r#".SH "EXIT STATUS"
 Success. For \fBserve\fR: a clean stop with every key revoked. For \fBstatus\fR: every profile is healthy.
 .TP
 1
-A failure, said in one line on stderr: the daemon is unreachable, refused, or answered with an error; \fBstatus\fR found a profile degraded, unavailable or revoked; \fBserve\fR left keys unrevoked (named in its last log line).
+A failure, said in one line on stderr: the daemon is unreachable, refused, did not answer in time, or answered with an error; \fBstatus\fR found a profile degraded, unavailable or revoked; \fBserve\fR left keys unrevoked (named in its last log line).
 .TP
 64
 Bad usage or an invalid config file (\fIpath:line:col: message\fR).

@@ -6,8 +6,21 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// The whole-request budget: aws-sdk-rust gives a credential provider 5 s in all.
-pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// What the helper adds to the daemon's wait for a cold mint: connect, write the request,
+/// read the answer on a local socket.
+const EXCHANGE_MARGIN: Duration = Duration::from_secs(2);
+
+/// How long `credential-process` waits for the daemon by default: as long as the daemon waits
+/// for a cold mint before it answers 503 ([`crate::broker::DEFAULT_MINT_WAIT`]), plus the
+/// exchange, so a slow mint the daemon would serve is not cut short. aws-cli, botocore, the
+/// Java SDK and the JavaScript SDK put no timeout on a `credential_process` helper, the Go SDK
+/// 60 s; aws-sdk-rust stops waiting after 5 s whatever the helper does.
+pub const CREDENTIALS_TIMEOUT: Duration =
+    crate::broker::DEFAULT_MINT_WAIT.saturating_add(EXCHANGE_MARGIN);
+
+/// How long `keybroker status` waits: the daemon answers it from memory, with no provider
+/// call.
+pub const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Largest answer the client reads.
 const MAX_RESPONSE: usize = 1 << 20;
@@ -38,6 +51,21 @@ impl Answer {
 /// margin.
 pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(75);
 
+/// Reads the `--timeout` of `credential-process`: a humantime duration (`30s`, `2m`, `1m 30s`)
+/// above zero. The error is one line naming the flag and the value.
+pub fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = humantime::parse_duration(text).map_err(|e| {
+        format!("--timeout {text:?} is not a duration ({e}); write it like \"30s\" or \"2m\"")
+    })?;
+    if timeout.is_zero() {
+        return Err(format!(
+            "--timeout {text:?} must be more than zero; without it the helper waits {}, as long as the daemon does",
+            humantime::format_duration(CREDENTIALS_TIMEOUT)
+        ));
+    }
+    Ok(timeout)
+}
+
 /// Sends `GET path` to the daemon at `socket` and reads the answer, all within `timeout`.
 /// Errors are one line saying what failed and what to do.
 pub fn get(socket: &Path, path: &str, timeout: Duration) -> Result<Answer, String> {
@@ -53,7 +81,46 @@ pub fn request(
     body: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<Answer, String> {
-    let deadline = Instant::now() + timeout;
+    exchange(socket, method, path, body, timeout).map_err(|e| match e {
+        Failure::TimedOut => timed_out(socket, timeout),
+        Failure::Other(line) => line,
+    })
+}
+
+/// Why an exchange with the daemon failed: the caller words a timeout, which it may know how
+/// to raise.
+enum Failure {
+    /// No complete answer within the timeout.
+    TimedOut,
+    /// Anything else, as the one line to print.
+    Other(String),
+}
+
+impl From<String> for Failure {
+    fn from(line: String) -> Self {
+        Failure::Other(line)
+    }
+}
+
+/// The line for a daemon that did not answer within `timeout`.
+fn timed_out(socket: &Path, timeout: Duration) -> String {
+    format!(
+        "the keybroker daemon at {} did not answer within {}; check its log (journalctl -u keybroker)",
+        socket.display(),
+        humantime::format_duration(timeout)
+    )
+}
+
+/// [`request`], telling a timeout apart.
+fn exchange(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<Answer, Failure> {
+    // A timeout too long for the clock to add never ends: each wait gets all of it.
+    let deadline = Instant::now().checked_add(timeout);
     let shown = socket.display();
     let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => format!(
@@ -67,13 +134,11 @@ pub fn request(
         ),
         _ => format!("cannot connect to the keybroker daemon at {shown}: {e}"),
     })?;
-    let timed_out = || {
-        format!("the keybroker daemon at {shown} did not answer within {}s; check its log (journalctl -u keybroker)", timeout.as_secs())
-    };
-    let remaining = || {
-        deadline
+    let remaining = || match deadline {
+        Some(deadline) => deadline
             .checked_duration_since(Instant::now())
-            .filter(|d| !d.is_zero())
+            .filter(|d| !d.is_zero()),
+        None => Some(timeout),
     };
     stream
         .set_write_timeout(remaining())
@@ -96,14 +161,14 @@ pub fn request(
         None => request.extend_from_slice(b"\r\n"),
     }
     stream.write_all(&request).map_err(|e| match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => timed_out(),
-        _ => format!("sending to the keybroker daemon at {shown}: {e}"),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Failure::TimedOut,
+        _ => Failure::Other(format!("sending to the keybroker daemon at {shown}: {e}")),
     })?;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     loop {
         let Some(left) = remaining() else {
-            return Err(timed_out());
+            return Err(Failure::TimedOut);
         };
         stream
             .set_read_timeout(Some(left))
@@ -113,9 +178,9 @@ pub fn request(
             Ok(n) => {
                 buf.extend_from_slice(&chunk[..n]);
                 if buf.len() > MAX_RESPONSE {
-                    return Err(format!(
+                    return Err(Failure::Other(format!(
                         "the keybroker daemon at {shown} sent an oversized answer"
-                    ));
+                    )));
                 }
                 if let Some(answer) = parse(&buf)? {
                     return Ok(answer);
@@ -128,13 +193,20 @@ pub fn request(
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                return Err(timed_out())
+                return Err(Failure::TimedOut)
             }
-            Err(e) => return Err(format!("reading from the keybroker daemon at {shown}: {e}")),
+            Err(e) => {
+                return Err(Failure::Other(format!(
+                    "reading from the keybroker daemon at {shown}: {e}"
+                )))
+            }
         }
     }
-    parse(&buf)?
-        .ok_or_else(|| format!("the keybroker daemon at {shown} closed the connection mid-answer"))
+    parse(&buf)?.ok_or_else(|| {
+        Failure::Other(format!(
+            "the keybroker daemon at {shown} closed the connection mid-answer"
+        ))
+    })
 }
 
 /// Parses a complete response, or `None` if more bytes are needed.
@@ -182,14 +254,23 @@ fn check_profile(profile: &str) -> Result<(), String> {
     }
 }
 
-/// The credential_process JSON for `profile`, or the one line to print on stderr.
-pub fn credential_process(socket: &Path, profile: &str) -> Result<Vec<u8>, String> {
+/// The credential_process JSON for `profile`, asked within `timeout` (normally
+/// [`CREDENTIALS_TIMEOUT`]), or the one line to print on stderr.
+pub fn credential_process(
+    socket: &Path,
+    profile: &str,
+    timeout: Duration,
+) -> Result<Vec<u8>, String> {
     check_profile(profile)?;
-    let answer = get(
-        socket,
-        &format!("/v1/credentials/{profile}"),
-        CLIENT_TIMEOUT,
-    )?;
+    let path = format!("/v1/credentials/{profile}");
+    let answer = exchange(socket, "GET", &path, None, timeout).map_err(|e| match e {
+        Failure::TimedOut => format!(
+            "{}, or give it longer with --timeout, e.g. --timeout {}",
+            timed_out(socket, timeout),
+            humantime::format_duration(timeout.saturating_mul(2))
+        ),
+        Failure::Other(line) => line,
+    })?;
     let message = answer.error_message();
     match answer.status {
         200 => Ok(answer.body),
@@ -281,7 +362,7 @@ pub fn admin(socket: &Path, profile: &str, call: &AdminCall) -> Result<String, S
 /// `keybroker status`: prints the table (or the JSON) and tells whether every profile is
 /// healthy (not degraded, not unavailable).
 pub fn status(socket: &Path, json: bool) -> Result<bool, String> {
-    let answer = get(socket, "/v1/status", CLIENT_TIMEOUT)?;
+    let answer = get(socket, "/v1/status", STATUS_TIMEOUT)?;
     if answer.status != 200 {
         return Err(format!(
             "status: the daemon answered HTTP {}: {}",
@@ -422,6 +503,19 @@ mod tests {
         for bad in ["", "a b", "a?b", "a\r\nX-Evil: 1", "a/../status", "ü"] {
             let e = check_profile(bad).unwrap_err();
             assert!(e.starts_with("no profile can be named"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_helper_outwaits_the_daemons_cold_mint() {
+        assert!(CREDENTIALS_TIMEOUT > crate::broker::DEFAULT_MINT_WAIT);
+        assert_eq!(parse_timeout("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_timeout("1m 30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_timeout("250ms"), Ok(Duration::from_millis(250)));
+        for bad in ["0", "0s", "", "banana", "-1s", "5"] {
+            let e = parse_timeout(bad).unwrap_err();
+            assert!(e.starts_with("--timeout \""), "{e}");
+            assert!(!e.contains('\n'), "{e}");
         }
     }
 

@@ -15,8 +15,12 @@ const EXIT_USAGE: u8 = 64;
 fn main() -> ExitCode {
     // aws-cli spawns `credential-process` for every command: its usual forms skip clap's
     // set-up; anything else (help, a typo) goes through clap for the proper message.
-    if let Some((profile, socket)) = fast_credential_process_args() {
-        return credential_process(&profile, socket.as_deref());
+    if let Some(args) = fast_credential_process_args() {
+        return credential_process(
+            &args.profile,
+            args.socket.as_deref(),
+            args.timeout.as_deref(),
+        );
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -60,9 +64,11 @@ fn main() -> ExitCode {
             }
         }
         Command::Sweep { config } => sweep(config),
-        Command::CredentialProcess { profile, socket } => {
-            credential_process(&profile, socket.as_deref())
-        }
+        Command::CredentialProcess {
+            profile,
+            socket,
+            timeout,
+        } => credential_process(&profile, socket.as_deref(), Some(&timeout)),
         Command::Rotate { profile, socket } => {
             admin(socket.as_deref(), &profile, &client::AdminCall::Rotate)
         }
@@ -108,13 +114,22 @@ fn main() -> ExitCode {
     }
 }
 
-/// `credential-process --profile P [--socket S]` (either order, `--x=v` too), else `None`.
-fn fast_credential_process_args() -> Option<(String, Option<std::path::PathBuf>)> {
+/// The flags of `credential-process`, as the fast path reads them.
+struct CredentialProcessArgs {
+    profile: String,
+    socket: Option<std::path::PathBuf>,
+    /// `--timeout` as written; checked by [`credential_process`].
+    timeout: Option<String>,
+}
+
+/// `credential-process --profile P [--socket S] [--timeout T]` (any order, `--x=v` too), else
+/// `None`.
+fn fast_credential_process_args() -> Option<CredentialProcessArgs> {
     let mut args = std::env::args_os().skip(1);
     if args.next()? != "credential-process" {
         return None;
     }
-    let (mut profile, mut socket) = (None, None);
+    let (mut profile, mut socket, mut timeout) = (None, None, None);
     while let Some(arg) = args.next() {
         let arg = arg.into_string().ok()?;
         let (key, value) = match arg.split_once('=') {
@@ -124,15 +139,29 @@ fn fast_credential_process_args() -> Option<(String, Option<std::path::PathBuf>)
         match key.as_str() {
             "--profile" if profile.is_none() && !value.is_empty() => profile = Some(value),
             "--socket" if socket.is_none() && !value.is_empty() => socket = Some(value.into()),
+            "--timeout" if timeout.is_none() && !value.is_empty() => timeout = Some(value),
             _ => return None,
         }
     }
-    Some((profile?, socket))
+    Some(CredentialProcessArgs {
+        profile: profile?,
+        socket,
+        timeout,
+    })
 }
 
-fn credential_process(profile: &str, socket: Option<&std::path::Path>) -> ExitCode {
+/// `credential-process`: a bad `--timeout` is bad usage (64), whatever the daemon would say.
+fn credential_process(
+    profile: &str,
+    socket: Option<&std::path::Path>,
+    timeout: Option<&str>,
+) -> ExitCode {
+    let timeout = match timeout.map(client::parse_timeout).transpose() {
+        Ok(t) => t.unwrap_or(client::CREDENTIALS_TIMEOUT),
+        Err(line) => return fail_usage(&line),
+    };
     let socket = config::resolve_client_socket(socket);
-    match client::credential_process(&socket, profile) {
+    match client::credential_process(&socket, profile, timeout) {
         Ok(json) => {
             let mut out = std::io::stdout().lock();
             if out.write_all(&json).and_then(|()| out.flush()).is_err() {

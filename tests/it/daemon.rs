@@ -492,13 +492,20 @@ fn client_failures_are_one_actionable_line() {
     );
     assert!(daemon.stop(Duration::from_secs(25)).0.success());
 
-    // A daemon that accepts but never answers: the client gives up after 5 s.
+    // A daemon that accepts but never answers: the client gives up once the daemon would
+    // have answered a cold mint, and says how to wait longer.
     let listener = std::os::unix::net::UnixListener::bind(env.socket()).unwrap();
     let start = Instant::now();
     let (code, _, stderr) = env.run(&["credential-process", "--profile", "d"]);
     assert_eq!(code, 1);
-    assert!(stderr.contains("did not answer within 5s"), "{stderr}");
-    assert!(start.elapsed() < Duration::from_secs(7));
+    let default = keybroker::client::CREDENTIALS_TIMEOUT;
+    assert!(
+        stderr.contains(&format!("did not answer within {}s", default.as_secs()))
+            && stderr.contains("--timeout"),
+        "{stderr}"
+    );
+    assert!(start.elapsed() >= default);
+    assert!(start.elapsed() < default + Duration::from_secs(2));
     drop(listener);
 }
 
@@ -866,4 +873,103 @@ async fn readyz_waits_for_every_prewarmed_profile() {
     let (status, _) = stop(&mut daemon, Duration::from_secs(25));
     assert!(status.success(), "{}", daemon.logs());
     assert!(fake.live().is_empty(), "{:?}", fake.live());
+}
+
+/// Starts a daemon with one cold CoreWeave profile `slow` (`prewarm = false`) whose creates
+/// take `latency` at the fake.
+async fn slow_cold_profile(latency: Duration) -> (Env, Arc<FakeCloud>, Daemon) {
+    let (env, fake, daemon) = setup("", &[("slow", "prewarm = false")], "info").await;
+    fake.set_faults(Faults {
+        create_latency: latency,
+        ..Faults::default()
+    });
+    (env, fake, daemon)
+}
+
+/// A cold mint that takes 8 s (longer than a short client timeout, shorter than the daemon's
+/// wait for it) reaches the helper: it waits as long as the daemon does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_process_waits_out_a_slow_cold_mint() {
+    let (env, fake, mut daemon) = slow_cold_profile(Duration::from_secs(8)).await;
+    let start = Instant::now();
+    let (code, stdout, stderr) =
+        tokio::task::block_in_place(|| env.run(&["credential-process", "--profile", "slow"]));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.is_empty(), "{stderr:?}");
+    assert!(
+        start.elapsed() >= Duration::from_secs(8),
+        "the mint was cold"
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is only JSON");
+    assert_eq!(v["Version"], 1);
+    let live = fake.live();
+    assert_eq!(live.len(), 1);
+    assert_eq!(v["AccessKeyId"], live[0].id.as_str());
+    assert_eq!(fake.calls("create"), 1);
+
+    let (status, _) = stop(&mut daemon, Duration::from_secs(25));
+    assert!(status.success(), "{}", daemon.logs());
+    assert!(fake.live().is_empty());
+}
+
+/// `--timeout` shortens the wait: the helper gives up with one line naming the timeout and
+/// the flag that raises it, while the mint goes on and its key is revoked at stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_process_timeout_flag_bounds_the_wait() {
+    let (env, fake, mut daemon) = slow_cold_profile(Duration::from_secs(8)).await;
+    let start = Instant::now();
+    let (code, stdout, stderr) = tokio::task::block_in_place(|| {
+        env.run(&["credential-process", "--profile", "slow", "--timeout", "1s"])
+    });
+    assert_eq!((code, stdout.as_str()), (1, ""), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("keybroker: ")
+            && stderr.contains("did not answer within 1s")
+            && stderr.contains("--timeout"),
+        "{stderr}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+
+    // The daemon carries on with the mint: the next helper (default timeout) gets its key.
+    let (code, stdout, stderr) = tokio::task::block_in_place(|| {
+        env.run(&["credential-process", "--timeout=30s", "--profile", "slow"])
+    });
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(fake.calls("create"), 1, "one mint for both requests");
+    let live = fake.live();
+    assert_eq!(live.len(), 1);
+    assert_eq!(key_id(stdout.as_bytes()), live[0].id);
+
+    let (status, _) = stop(&mut daemon, Duration::from_secs(25));
+    assert!(status.success(), "{}", daemon.logs());
+    assert!(fake.live().is_empty());
+}
+
+/// A `--timeout` that is zero or not a duration is bad usage: exit 64 and one line, before
+/// any daemon is asked (there is none here), whichever way the flag is written.
+#[test]
+fn credential_process_refuses_a_bad_timeout() {
+    let env = Env::new();
+    for (args, says) in [
+        (&["--timeout", "0s"][..], "more than zero"),
+        (&["--timeout=0"], "more than zero"),
+        (&["--timeout", "banana"], "\"banana\" is not a duration"),
+        (&["--timeout="], "\"\" is not a duration"),
+        (&["--timeout", "-5s"], "is not a duration"),
+    ] {
+        let mut all = vec!["credential-process", "--profile", "x"];
+        all.extend_from_slice(args);
+        let (code, stdout, stderr) = env.run(&all);
+        assert_eq!((code, stdout.as_str()), (64, ""), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("keybroker: --timeout") && stderr.contains(says),
+            "{args:?}: {stderr}"
+        );
+    }
 }
