@@ -421,6 +421,45 @@ pub fn status_table(profiles: &[serde_json::Value]) -> String {
         if let Some(error) = p["last_error"].as_str() {
             out.push_str(&wrap(&format!("last error: {error}"), "  ", 80));
         }
+        if let Some(blocked) = p["blocked"].as_str() {
+            out.push_str(&wrap(&format!("not minting: {blocked}"), "  ", 80));
+        }
+        for f in p["failing_revokes"].as_array().into_iter().flatten() {
+            out.push_str(&wrap(
+                &format!(
+                    "revoke of {} failed {} times ({}), next try {}: {}",
+                    f["key_id"].as_str().unwrap_or("?"),
+                    f["attempts"],
+                    f["kind"].as_str().unwrap_or("?"),
+                    f["next_attempt"].as_str().unwrap_or("?"),
+                    f["error"].as_str().unwrap_or("?")
+                ),
+                "  ",
+                80,
+            ));
+        }
+        if let Some(n) = p["retired_given_up"].as_u64().filter(|n| *n > 0) {
+            out.push_str(&wrap(
+                &format!("{n} retired keys that could not be revoked were given up on after they expired; the ledger keeps them for the next start or keybroker sweep"),
+                "  ",
+                80,
+            ));
+        }
+        for u in p["unsettled_creates"].as_array().into_iter().flatten() {
+            out.push_str(&wrap(
+                &format!(
+                    "unsettled create since {}: its key, if any, carries tag {}{}",
+                    u["since"].as_str().unwrap_or("?"),
+                    u["tag"].as_str().unwrap_or("?"),
+                    u["last_error"]
+                        .as_str()
+                        .map(|e| format!("; {e}"))
+                        .unwrap_or_default()
+                ),
+                "  ",
+                80,
+            ));
+        }
     }
     out
 }
@@ -475,6 +514,32 @@ mod tests {
             (a.status, a.retry_after, a.body.as_slice()),
             (503, Some(7), &b"{}"[..])
         );
+    }
+
+    #[test]
+    fn status_table_names_failing_revokes_and_unsettled_creates() {
+        let p = serde_json::json!({
+            "name": "archive", "provider": "crusoe", "key_id": "CKIA1", "state": "ready",
+            "expires_in_seconds": 3000, "renews_in_seconds": 1200,
+            "blocked": "profile archive: crusoe allows 2 keys per API user and they are in use",
+            "failing_revokes": [{"key_id": "CKIA0", "attempts": 3, "kind": "refused",
+                "error": "Crusoe delete key: HTTP 403 Forbidden: unauthorized",
+                "next_attempt": "2026-11-28T06:00:00Z"}],
+            "retired_given_up": 2,
+            "unsettled_creates": [{"tag": "keybroker-h-1-abc", "since": "2026-11-28T05:00:00Z",
+                "last_error": null}],
+        });
+        let table = status_table(&[p]);
+        for want in [
+            "not minting: profile archive",
+            "revoke of CKIA0 failed 3 times (refused)",
+            "HTTP 403 Forbidden: unauthorized",
+            "2 retired keys",
+            "keybroker-h-1-abc",
+        ] {
+            assert!(table.contains(want), "{want:?} not in\n{table}");
+        }
+        assert!(table.lines().all(|l| l.chars().count() <= 80), "{table}");
     }
 
     #[test]
