@@ -146,7 +146,15 @@ impl Slot {
             }
             if let Some(k) = listed.iter().find(|k| k.tag.as_deref() == Some(&p.tag)) {
                 tracing::warn!(profile = %self.name, key_id = %k.handle.access_key_id, tag = %p.tag, "found the key of a create whose answer was lost; revoking it");
-                found.push(ReadyKey::untracked(k.handle.clone(), Some(p.tag.clone()), p.lease.clone()));
+                let mut key =
+                    ReadyKey::untracked(k.handle.clone(), Some(p.tag.clone()), p.lease.clone());
+                // Its expiry as listed; unknown counts as never, so the retired list's bound
+                // never gives up on it as if it had expired by itself.
+                key.expires_at = k.expires_at.unwrap_or(OffsetDateTime::new_utc(
+                    time::Date::MAX,
+                    time::Time::MIDNIGHT,
+                ));
+                found.push(key);
                 return false;
             }
             if listed_at >= p.ended_at + LANDING_GRACE {
