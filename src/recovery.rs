@@ -58,13 +58,19 @@ impl Listings {
     }
 }
 
+/// Calls a mint may make after its intent is written: making room, the create, the listing
+/// that tells a key limit, the eviction's listing and revoke, and a second create.
+const CALLS_PER_MINT: u32 = 6;
+
 /// Until when the create of an open lease with no key may still land: [`LANDING_GRACE`]
-/// after its request ended, at the latest the longest a provider call takes after its intent
-/// was written. An unreadable time counts as now.
+/// after its request ended, at the latest [`CALLS_PER_MINT`] provider calls after its intent
+/// was written. An unreadable or absurd time counts as now.
 fn may_land_until(lease: &OpenLease) -> OffsetDateTime {
-    let written =
-        OffsetDateTime::parse(&lease.at, &Rfc3339).unwrap_or_else(|_| OffsetDateTime::now_utc());
-    written + crate::provider::http::DEFAULT_CALL_TIMEOUT + LANDING_GRACE
+    let longest = crate::provider::http::DEFAULT_CALL_TIMEOUT * CALLS_PER_MINT + LANDING_GRACE;
+    OffsetDateTime::parse(&lease.at, &Rfc3339)
+        .ok()
+        .and_then(|written| written.checked_add(longest.try_into().ok()?))
+        .unwrap_or_else(|| OffsetDateTime::now_utc() + longest)
 }
 
 /// Runs recovery. `tag_prefix` identifies this broker's keys; `daemon` says whether a daemon

@@ -345,7 +345,11 @@ impl Broker {
         for entry in &entries {
             let slot = &entry.slot;
             if drivers.is_err() {
-                if let Some(tag) = slot.creating() {
+                let lost = slot.unsettled();
+                if let Some(tag) = slot
+                    .creating()
+                    .filter(|t| !lost.iter().any(|l| &l.tag == t))
+                {
                     tracing::error!(profile = slot.name(), %tag, "a create was still in flight at the shutdown deadline; its key, if it lands, is revoked by the next start or keybroker sweep");
                     report.unsettled.push(tag);
                 }

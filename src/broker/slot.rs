@@ -464,7 +464,7 @@ impl Slot {
         let mut attempts = {
             let mut st = self.lock();
             let now = self.clock.now();
-            if st.stopping {
+            if st.stopping || st.closing {
                 return Err(Unavailable {
                     retry_after: Duration::from_secs(1),
                     message: format!(
@@ -536,7 +536,12 @@ impl Slot {
         self.counters.unavailable.fetch_add(1, Ordering::Relaxed);
         let st = self.lock();
         let now = self.clock.now();
-        let retry_after = positive(st.request_floor - now).max(Duration::from_secs(1));
+        // Waiting for room under the key limit: ask again when it opens.
+        let floor = self
+            .budget_wait(&st, now)
+            .unwrap_or(st.request_floor)
+            .max(st.request_floor);
+        let retry_after = positive(floor - now).max(Duration::from_secs(1));
         let message = match (&st.last_error, self.blocked(&st, now)) {
             (_, Some(why)) => format!("profile {} has no valid key: {why}", self.name),
             (Some((e, _)), None) => format!(
@@ -681,7 +686,7 @@ impl Slot {
         let next_revoke = st.retired.iter().map(|r| r.revoke_at).min();
         let rotate = st.rotations_asked > st.rotations_started;
         let due = match (&*self.current.load(), st.renew_at) {
-            _ if st.held.is_some() || st.closing => false,
+            _ if st.held.is_some() || st.closing || st.stopping => false,
             _ if rotate => true,
             (None, _) => st.active,
             (Some(_), Some(renew_at)) => now >= renew_at,
@@ -692,6 +697,10 @@ impl Slot {
         // Room under the key limit opens when a retired key's Expiration passes: its revoke
         // is due then, and the next plan sees the room.
         let blocked = due && allowed && self.blocked(&st, now).is_some();
+        if blocked && wanted_now {
+            // Requests waiting for this mint fall back (degraded or 503) at once.
+            self.attempts.send_modify(|n| *n += 1);
+        }
         if due && allowed && !blocked {
             st.in_flight = true;
             if rotate {
@@ -780,9 +789,10 @@ impl Slot {
         .map_err(|e| ProviderError::Transient(format!("not minting: {e}")))?;
         self.lock().creating = Some((lease.to_string(), tag.to_string()));
         let result = self.mint_within_limit(tag).await;
-        self.lock().creating = None;
         match &result {
             Ok(key) => {
+                // Protected from eviction by any profile from now on, before the fsync below.
+                self.served.insert(&key.access_key_id, key.expires_at);
                 let minted = Record::Minted {
                     lease: lease.to_string(),
                     key_id: key.access_key_id.clone(),
@@ -838,8 +848,10 @@ impl Slot {
         let jitter = self.jitter();
         let mut st = self.lock();
         st.in_flight = false;
+        // The key, if any, is stored below under this lock: stop sees it in the slot.
+        st.creating = None;
         match result {
-            Ok(key) if st.held.is_some() || st.closing => {
+            Ok(key) if st.held.is_some() || st.closing || st.stopping => {
                 // An operator revoked the profile's keys, or a reload took the profile out of
                 // service, while this mint was in flight: the new key is not served, only
                 // revoked.

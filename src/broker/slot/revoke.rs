@@ -301,7 +301,10 @@ impl Slot {
                 .revoke_key(&oldest.key, "making room under the provider's key limit")
                 .await
             {
+                let mut oldest = oldest;
                 let id = oldest.key.handle.access_key_id.clone();
+                oldest.failures += 1;
+                oldest.last_error = Some(e.clone());
                 self.lock().retired.push(oldest);
                 return Err(ProviderError::LimitReached(format!(
                     "cannot make room under the {} key limit of {limit}: revoking {id} failed: {e}",
