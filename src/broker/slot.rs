@@ -877,8 +877,6 @@ impl Slot {
                 st.last_error = None;
                 st.next_attempt = now;
                 st.request_floor = now;
-                self.served
-                    .insert(&ready.handle.access_key_id, ready.expires_at);
                 let old = self.current.swap(Some(Arc::clone(&ready)));
                 self.counters.mints.fetch_add(1, Ordering::Relaxed);
                 if let Some(n) = st.rotating.take() {
