@@ -33,7 +33,7 @@ pub enum DaemonError {
     /// The socket could not be bound.
     #[error(transparent)]
     Bind(#[from] server::BindError),
-    /// The socket could not be served (made non-blocking, registered, its threads started).
+    /// The socket could not be served (made non-blocking, registered with the runtime).
     #[error("socket: {0}")]
     Listener(std::io::Error),
     /// The container endpoint could not listen.
@@ -124,6 +124,7 @@ pub fn start(
         access: arc_swap::ArcSwap::from_pointee(options.access),
         container,
         requests: Default::default(),
+        limits: Arc::new(server::Limits::from_process()),
     });
     let stop_server = CancellationToken::new();
     let drain = server::DRAIN_TIMEOUT.min(options.shutdown_timeout / 4);
@@ -446,12 +447,12 @@ pub async fn run(
     Ok(running.stop().await)
 }
 
-/// The most threads of each kind the daemon runs (runtime workers, socket acceptors).
+/// The most runtime worker threads the daemon runs.
 const MAX_THREADS: usize = 4;
 
-/// Threads of each kind the daemon runs: one per core, at most [`MAX_THREADS`]. Serving
-/// pre-rendered bytes needs few: without a cap, a 128-core GPU node would get 128 of each, and
-/// their stacks, for a few requests a second.
+/// Runtime worker threads: one per core, at most [`MAX_THREADS`]. Serving pre-rendered bytes
+/// needs few: without a cap, a 128-core GPU node would get 128, and their stacks, for a few
+/// requests a second.
 pub fn threads() -> usize {
     std::thread::available_parallelism()
         .map_or(2, |n| n.get())

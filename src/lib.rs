@@ -3,8 +3,9 @@
 //! format, and revokes them when it stops.
 //!
 //! Components, in the order a request meets them:
-//! - [`server`]: HTTP/1.1 on the Unix socket; checks the peer's uid/gid, routes the request.
-//!   Acceptor threads answer a ready key at once; hyper on tokio answers the rest.
+//! - [`server`]: HTTP/1.1 (hyper on tokio) on the Unix socket and the container endpoint;
+//!   counts and bounds connections, checks the peer's uid/gid, routes the request. A ready key
+//!   is answered from its pre-rendered bytes without waiting.
 //! - [`broker`]: one slot per profile holding the current key with its response pre-rendered;
 //!   a background driver per slot mints, renews (single flight) and revokes.
 //! - [`provider`]: the upstream APIs (CoreWeave, dev) behind one trait, and the HTTPS client.

@@ -1,6 +1,6 @@
-//! The loopback container-credentials endpoint (DESIGN.md §4, `reference/clients.md` B.2):
-//! `GET /v1/container-credentials/{profile}` with `Authorization: <token>`, for SDKs configured
-//! with `AWS_CONTAINER_CREDENTIALS_FULL_URI` and `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`.
+//! The loopback container-credentials endpoint: `GET /v1/container-credentials/{profile}` with
+//! `Authorization: <token>`, for SDKs configured with `AWS_CONTAINER_CREDENTIALS_FULL_URI` and
+//! `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`.
 //!
 //! A TCP peer has no SO_PEERCRED, so the token is the authorization: one random token per
 //! profile, written at start to `<socket dir>/container/<profile>.token`, readable only by the
@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use rand::RngCore;
 
@@ -159,37 +159,47 @@ fn sdk_error(status: StatusCode, code: &str, message: &str) -> Response<Full<Byt
     json_response(status, Bytes::from(body))
 }
 
-/// Answers one container-endpoint request.
+/// The answer to every request without the right token, whatever its path, method or profile:
+/// a peer without a token learns nothing, not even which profiles exist. The connection is
+/// closed after it.
+fn unauthorized() -> Response<Full<Bytes>> {
+    let mut resp = sdk_error(
+        StatusCode::UNAUTHORIZED,
+        "Unauthorized",
+        "missing or wrong Authorization token: the endpoint is /v1/container-credentials/PROFILE, with the token keybroker wrote to container/PROFILE.token beside its socket; set AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE to that file",
+    );
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+/// Answers one container-endpoint request: the token first, for every path; then only `GET`
+/// and `HEAD` of the profile's key.
 pub async fn handle<B>(
     app: &App,
     tokens: &ContainerTokens,
     req: &Request<B>,
 ) -> Response<Full<Bytes>> {
     let Some(profile) = req.uri().path().strip_prefix("/v1/container-credentials/") else {
-        return sdk_error(
-            StatusCode::NOT_FOUND,
-            "NotFound",
-            "no such endpoint; use /v1/container-credentials/PROFILE",
-        );
-    };
-    let Some(slot) = app.broker.slot(profile) else {
-        return sdk_error(
-            StatusCode::NOT_FOUND,
-            "NotFound",
-            &format!("no profile named {profile:?} in the keybroker config"),
-        );
+        return unauthorized();
     };
     if !tokens.accepts(profile, req.headers().get(header::AUTHORIZATION)) {
-        let file = tokens
-            .file(profile)
-            .map(|f| f.display().to_string())
-            .unwrap_or_default();
-        return sdk_error(
-            StatusCode::UNAUTHORIZED,
-            "Unauthorized",
-            &format!("missing or wrong Authorization token for profile {profile}; set AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE={file}"),
-        );
+        return unauthorized();
     }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut resp = sdk_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            &format!("{} is not supported here; use GET", req.method()),
+        );
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return resp;
+    }
+    // A token exists only for a configured profile; a reload may have removed it since.
+    let Some(slot) = app.broker.slot(profile) else {
+        return unauthorized();
+    };
     match slot.get().await {
         Ok(key) => json_response(StatusCode::OK, key.container_json.clone()),
         Err(u) => {

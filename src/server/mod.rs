@@ -1,8 +1,8 @@
-//! The Unix-socket HTTP API (DESIGN.md §4): acceptor threads that answer ready keys at once
-//! ([`acceptor`]), hyper on tokio for everything else; peer credentials checked per profile
-//! before anything is served.
+//! The HTTP API on the Unix socket and the container endpoint: hyper on tokio, one accept loop
+//! per listener. Peer credentials (SO_PEERCRED) are read at accept, each connection is counted
+//! and bounded ([`conn`]), and access is checked per profile before anything is served.
 
-mod acceptor;
+mod conn;
 pub mod container;
 mod socket;
 
@@ -15,12 +15,13 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
 use container::ContainerTokens;
 
+pub use conn::Limits;
 pub use socket::{bind_socket, BindError, BoundSocket};
 
 use crate::broker::Broker;
@@ -74,11 +75,13 @@ pub struct App {
     pub container: Option<ContainerTokens>,
     /// Answers given, by status, for `/metrics`.
     pub requests: crate::metrics::Requests,
+    /// The open connections, counted against the open-file limit.
+    pub limits: Arc<Limits>,
 }
 
 impl App {
     /// The pre-rendered body of `profile`'s key, when it is ready and `peer` may read it: the
-    /// answer that needs no wait, on the acceptor threads and in hyper alike.
+    /// answer that needs no wait.
     fn readable_body(&self, profile: &str, peer: Peer) -> Option<Bytes> {
         let body = self.broker.ready_body(profile)?;
         self.access.load().may_read(profile, peer).then_some(body)
@@ -97,7 +100,7 @@ impl App {
 /// A listening endpoint: the Unix socket, or the loopback container endpoint.
 #[derive(Debug)]
 pub enum Listener {
-    /// The Unix-socket API (a non-blocking listener); peers are identified by SO_PEERCRED.
+    /// The Unix-socket API; peers are identified by SO_PEERCRED.
     Socket(std::os::unix::net::UnixListener),
     /// The container-credentials endpoint; peers present a token.
     Container(TcpListener),
@@ -110,80 +113,53 @@ enum Route {
     Container,
 }
 
-/// Where connections come from: the acceptor threads (which answer what they can and hand
-/// over the rest), or the container endpoint's listener.
-enum Connections {
-    /// The Unix socket: its acceptor threads, and what they hand over.
-    Threads(
-        acceptor::Acceptors,
-        tokio::sync::mpsc::UnboundedReceiver<acceptor::Handoff>,
-    ),
-    /// The container endpoint.
+/// A listener, ready for the runtime.
+enum Accepting {
+    Unix(UnixListener),
     Tcp(TcpListener),
 }
 
-/// A connection for hyper: the bytes an acceptor thread already read, then the stream.
-type Stream = Conn<Either<UnixStream, TcpStream>>;
+/// An accepted connection, and whom it is charged to.
+type Stream = Either<UnixStream, TcpStream>;
 
-impl Connections {
-    fn start(listener: Listener, app: &Arc<App>) -> std::io::Result<Connections> {
-        match listener {
+impl Accepting {
+    fn new(listener: Listener) -> std::io::Result<Accepting> {
+        Ok(match listener {
             Listener::Socket(l) => {
-                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-                let threads = crate::daemon::threads();
-                let acceptors = acceptor::Acceptors::start(l, Arc::clone(app), tx, threads)?;
-                Ok(Connections::Threads(acceptors, rx))
+                l.set_nonblocking(true)?;
+                Accepting::Unix(UnixListener::from_std(l)?)
             }
-            Listener::Container(l) => Ok(Connections::Tcp(l)),
-        }
+            Listener::Container(l) => Accepting::Tcp(l),
+        })
     }
 
-    /// The next connection for hyper. `Ok(None)`: there will be no more (the acceptor threads
-    /// are gone, which only a bug can do).
-    async fn next(&mut self) -> std::io::Result<Option<(Stream, Route)>> {
+    /// The next connection, with its route. `Ok(None)`: one that could not be identified,
+    /// already closed.
+    async fn next(&self) -> std::io::Result<Option<(Stream, Route)>> {
         match self {
-            Connections::Threads(_, rx) => {
-                let Some(h) = rx.recv().await else {
-                    return Ok(None);
-                };
-                for_hyper(h).map(Some)
-            }
-            Connections::Tcp(l) => {
+            Accepting::Unix(l) => {
                 let (stream, _) = l.accept().await?;
-                let _ = stream.set_nodelay(true);
-                Ok(Some((
-                    Conn::new(Bytes::new(), Either::Right(stream)),
-                    Route::Container,
-                )))
-            }
-        }
-    }
-
-    /// Stops accepting: the threads are joined. Returns the connections they handed over
-    /// that hyper has not taken yet.
-    async fn stop(self) -> Vec<(Stream, Route)> {
-        let mut accepted = Vec::new();
-        if let Connections::Threads(mut acceptors, mut rx) = self {
-            let _ = tokio::task::spawn_blocking(move || acceptors.stop()).await;
-            // The threads held the only senders: this ends.
-            while let Some(h) = rx.recv().await {
-                match for_hyper(h) {
-                    Ok(conn) => accepted.push(conn),
-                    Err(e) => tracing::warn!(error = %e, "cannot serve a connection"),
+                match stream.peer_cred() {
+                    Ok(c) => Ok(Some((
+                        Either::Left(stream),
+                        Route::Socket(Peer {
+                            uid: c.uid(),
+                            gid: c.gid(),
+                        }),
+                    ))),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no peer credentials; closing the connection");
+                        Ok(None)
+                    }
                 }
             }
+            Accepting::Tcp(l) => {
+                let (stream, _) = l.accept().await?;
+                let _ = stream.set_nodelay(true);
+                Ok(Some((Either::Right(stream), Route::Container)))
+            }
         }
-        accepted
     }
-}
-
-/// A connection an acceptor thread handed over, registered with the runtime for hyper.
-fn for_hyper(h: acceptor::Handoff) -> std::io::Result<(Stream, Route)> {
-    let stream = UnixStream::from_std(h.stream)?;
-    Ok((
-        Conn::new(h.read, Either::Left(stream)),
-        Route::Socket(h.peer),
-    ))
 }
 
 type Body = Full<Bytes>;
@@ -531,145 +507,102 @@ fn status_body(app: &App) -> Bytes {
     Bytes::from(body.to_string() + "\n")
 }
 
-/// A connection for hyper: first the bytes an acceptor thread read and did not answer, then
-/// the stream.
-///
-/// Its end is its `close()` on drop, without a `shutdown()` first: hyper shuts the write side
-/// down before dropping a finished connection, and the close that follows tells the peer the
-/// same (end of stream after the last byte written). One system call less per connection.
-struct Conn<S> {
-    /// Read, not answered: hyper reads these first.
-    replay: Bytes,
-    /// The connection.
-    io: S,
-}
-
-impl<S> Conn<S> {
-    fn new(replay: Bytes, io: S) -> Self {
-        Conn { replay, io }
-    }
-}
-
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Conn<S> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        if !self.replay.is_empty() {
-            let n = self.replay.len().min(buf.remaining());
-            buf.put_slice(&self.replay.split_to(n));
-            return std::task::Poll::Ready(Ok(()));
-        }
-        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Conn<S> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-}
-
 /// How long a stopping server waits for in-flight requests.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Starts serving `listener`: the acceptor threads start here, so that a failure is the
-/// caller's to report. The future serves until `stop` fires, then stops accepting, answers
-/// what was accepted, and drains open connections for at most `drain`.
+/// Starts serving `listener` (registering it with the runtime here, so that a failure is the
+/// caller's to report). The future serves until `stop` fires, then stops accepting, answers the
+/// requests under way and the ones already sent on open connections, and waits at most `drain`
+/// for them.
 pub fn serve(
     listener: Listener,
     app: Arc<App>,
     stop: CancellationToken,
     drain: Duration,
 ) -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
-    let connections = Connections::start(listener, &app)?;
-    Ok(run(connections, app, stop, drain))
+    let listener = Accepting::new(listener)?;
+    Ok(run(listener, app, stop, drain))
 }
 
-async fn run(
-    mut connections: Connections,
-    app: Arc<App>,
-    stop: CancellationToken,
-    drain: Duration,
-) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+async fn run(listener: Accepting, app: Arc<App>, stop: CancellationToken, drain: Duration) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(5))
+        .header_read_timeout(conn::HEADER_TIMEOUT)
+        .max_buf_size(conn::MAX_BUFFER)
         .keep_alive(true);
+    let http = Arc::new(http);
+    let mut open = tokio::task::JoinSet::new();
     loop {
         let (stream, route) = tokio::select! {
             _ = stop.cancelled() => break,
-            accepted = connections.next() => match accepted {
+            Some(_) = open.join_next(), if !open.is_empty() => continue,
+            accepted = listener.next() => match accepted {
                 Ok(Some(conn)) => conn,
-                Ok(None) => {
-                    tracing::error!("the acceptor threads are gone; no longer serving the socket");
-                    break;
-                }
+                Ok(None) => continue,
                 Err(e) => {
                     // EMFILE and friends: wait a little instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    app.limits.accept_failed(&e);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
-        let conn =
-            graceful.watch(http.serve_connection(TokioIo::new(stream), service(&app, route)));
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
+        let holder = match route {
+            Route::Socket(peer) => conn::Holder::Uid(peer.uid),
+            Route::Container => conn::Holder::Container,
+        };
+        let Some(permit) = app.limits.admit(holder) else {
+            continue;
+        };
+        let io = TokioIo::new(conn::Bounded::new(stream, permit));
+        open.spawn(connection(
+            Arc::clone(&http),
+            io,
+            Arc::clone(&app),
+            route,
+            stop.clone(),
+        ));
     }
-    // Connections the threads accepted and handed over as the stop came get their one answer
-    // (hyper would close them unread if they were watched: they are idle until read).
-    let accepted = connections.stop().await;
-    http.keep_alive(false);
-    let mut last = tokio::task::JoinSet::new();
-    for (stream, route) in accepted {
-        last.spawn(http.serve_connection(TokioIo::new(stream), service(&app, route)));
-    }
-    let drained = async {
-        graceful.shutdown().await;
-        while last.join_next().await.is_some() {}
-    };
+    let drained = async { while open.join_next().await.is_some() {} };
     if tokio::time::timeout(drain, drained).await.is_err() {
         tracing::warn!(
             "connections still open after {}s; closing them",
             drain.as_secs()
         );
+    }
+    // Dropping the set ends what is left.
+}
+
+/// Serves one connection until it ends or, once `stop` fires, until the request it is
+/// answering (or the one its peer has already sent) is answered.
+async fn connection(
+    http: Arc<hyper::server::conn::http1::Builder>,
+    io: TokioIo<conn::Bounded<Stream>>,
+    app: Arc<App>,
+    route: Route,
+    stop: CancellationToken,
+) {
+    let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let conn = http.serve_connection(io, service(&app, route, &asked, &stop));
+    tokio::pin!(conn);
+    let ended = tokio::select! {
+        ended = conn.as_mut() => Some(ended),
+        _ = stop.cancelled() => None,
+    };
+    let ended = match ended {
+        Some(ended) => ended,
+        None => {
+            // hyper closes an idle connection at once when told to shut down, and a new one
+            // is idle until its request has been read: only a connection that has been asked
+            // something is told. The others get their answer with `Connection: close`.
+            if asked.load(std::sync::atomic::Ordering::SeqCst) {
+                conn.as_mut().graceful_shutdown();
+            }
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(error = %e, "connection ended with an error");
     }
 }
 
@@ -677,6 +610,8 @@ async fn run(
 fn service(
     app: &Arc<App>,
     route: Route,
+    asked: &Arc<std::sync::atomic::AtomicBool>,
+    stop: &CancellationToken,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<Body>,
@@ -684,9 +619,11 @@ fn service(
     Future: Send + 'static,
 > + Send
        + 'static {
-    let app = Arc::clone(app);
+    let (app, asked, stop) = (Arc::clone(app), Arc::clone(asked), stop.clone());
     hyper::service::service_fn(move |req: Request<Incoming>| {
         let app = Arc::clone(&app);
+        asked.store(true, std::sync::atomic::Ordering::SeqCst);
+        let stopping = stop.clone();
         async move {
             // The socket's handler takes the request, so what the log line needs is kept
             // first, and only when it will be written.
@@ -707,6 +644,12 @@ fn service(
                     unreachable!("the container listener exists only with its tokens")
                 }
             };
+            let mut resp = resp;
+            if stopping.is_cancelled() {
+                // The last answer on this connection: the server is stopping.
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             let logged = logged.as_ref().map(|(m, p)| (m.as_str(), p.as_str()));
             app.answered(resp.status().as_u16(), route, logged);
             Ok::<_, Infallible>(resp)

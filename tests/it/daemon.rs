@@ -189,8 +189,7 @@ fn raw_exchange(socket: &std::path::Path, writes: &[Write]) -> String {
 
 /// The socket answers a ready key alike whichever way a request arrives: in one write, split
 /// across writes, after the client waited, pipelined on a kept-alive connection, as HEAD, as
-/// HTTP/1.0 or with a query. (Complete requests are answered by the acceptor threads, the
-/// others by hyper; both give these bytes.)
+/// HTTP/1.0 or with a query.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_socket_answers_every_request_shape_alike() {
     let (_env, fake, mut daemon) = setup("", &[("p", "")], "info").await;

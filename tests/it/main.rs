@@ -2,6 +2,7 @@
 
 mod broker_time;
 mod config_errors;
+mod connections;
 mod daemon;
 mod e2e;
 mod fake_cloud;
