@@ -507,6 +507,9 @@ fn status_body(app: &App) -> Bytes {
     Bytes::from(body.to_string() + "\n")
 }
 
+/// How long a stopping server waits for the first request of a connection it has just accepted.
+const FIRST_REQUEST_AT_STOP: Duration = Duration::from_millis(500);
+
 /// How long a stopping server waits for in-flight requests.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -593,11 +596,19 @@ async fn connection(
         Some(ended) => ended,
         None => {
             // hyper closes an idle connection at once when told to shut down, and a new one
-            // is idle until its request has been read: only a connection that has been asked
-            // something is told. The others get their answer with `Connection: close`.
-            if asked.load(std::sync::atomic::Ordering::SeqCst) {
-                conn.as_mut().graceful_shutdown();
+            // is idle until its request has been read: one that has not been asked anything
+            // yet gets a moment for its request to arrive, and is answered with
+            // `Connection: close`.
+            if !asked.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Ok(ended) = tokio::time::timeout(FIRST_REQUEST_AT_STOP, conn.as_mut()).await
+                {
+                    if let Err(e) = ended {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                    return;
+                }
             }
+            conn.as_mut().graceful_shutdown();
             conn.await
         }
     };

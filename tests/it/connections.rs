@@ -313,3 +313,39 @@ fn container_get(port: u16, method: &str, path: &str, token: Option<&str>) -> (u
         .unwrap_or_default();
     (status, body)
 }
+
+/// A client that connected just before the daemon was told to stop still gets its answer, the
+/// last one on that connection; keys are revoked after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_sent_as_the_daemon_stops_is_answered() {
+    let (_env, fake, mut daemon) = flooded_daemon("").await;
+    let before = fds(&daemon);
+    let mut conn = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // Accepted, and nothing asked yet.
+    wait_until("the daemon to accept", Duration::from_secs(5), || {
+        fds(&daemon) > before
+    })
+    .await;
+    daemon.signal(rustix::process::Signal::TERM);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    conn.write_all(b"GET /v1/credentials/p HTTP/1.1\r\nHost: keybroker\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("AccessKeyId"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    let mut child = daemon.child.take().unwrap();
+    let status = tokio::task::block_in_place(|| child.wait()).unwrap();
+    assert!(status.success(), "{}", daemon.logs());
+    assert!(
+        fake.live().is_empty(),
+        "alive after stop: {:?}",
+        fake.live()
+    );
+}
