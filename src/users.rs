@@ -23,13 +23,22 @@ pub fn groups_of(uid: u32, primary: u32) -> Vec<u32> {
     groups_in(&passwd, &group, uid, primary)
 }
 
-fn groups_in(passwd: &str, group: &str, uid: u32, primary: u32) -> Vec<u32> {
-    let mut gids = vec![primary];
-    let name = passwd.lines().find_map(|line| {
+/// The name of user `uid` in /etc/passwd.
+pub fn user_name(uid: u32) -> Option<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    name_in(&passwd, uid)
+}
+
+fn name_in(passwd: &str, uid: u32) -> Option<String> {
+    passwd.lines().find_map(|line| {
         let f: Vec<&str> = line.split(':').collect();
         (f.len() > 3 && f[2].parse::<u32>().ok() == Some(uid)).then(|| f[0].to_string())
-    });
-    if let Some(name) = name {
+    })
+}
+
+fn groups_in(passwd: &str, group: &str, uid: u32, primary: u32) -> Vec<u32> {
+    let mut gids = vec![primary];
+    if let Some(name) = name_in(passwd, uid) {
         for line in group.lines() {
             let f: Vec<&str> = line.split(':').collect();
             if f.len() > 3 && f[3].split(',').any(|m| m.trim() == name) {
@@ -59,6 +68,12 @@ mod tests {
             [4242],
             "unknown uid: its primary gid only"
         );
+    }
+
+    #[test]
+    fn user_names_come_from_passwd() {
+        assert_eq!(name_in(PASSWD, 1001).as_deref(), Some("bob"));
+        assert_eq!(name_in(PASSWD, 4242), None);
     }
 
     #[test]
