@@ -1,5 +1,8 @@
 //! The `credential_process` client and the other socket callers: std `UnixStream`, no async
 //! runtime, one deadline over connect, write and read (aws-cli spawns this on every command).
+//! Before sending anything the client checks who serves the socket ([`trust`]).
+
+mod trust;
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -134,6 +137,8 @@ fn exchange(
         ),
         _ => format!("cannot connect to the keybroker daemon at {shown}: {e}"),
     })?;
+    // Nothing is sent to a server that may have been planted.
+    trust::check(&stream, socket)?;
     let remaining = || match deadline {
         Some(deadline) => deadline
             .checked_duration_since(Instant::now())

@@ -11,4 +11,5 @@ mod moto;
 mod operator;
 mod promise;
 mod recovery;
+mod socket_trust;
 mod systemd;
