@@ -165,8 +165,16 @@ fn exchange(
         None if method == "POST" => request.extend_from_slice(b"Content-Length: 0\r\n\r\n"),
         None => request.extend_from_slice(b"\r\n"),
     }
+    // A daemon closes a connection unanswered when it is stopping, or as soon as it accepts it
+    // when the caller's uid holds as many connections as it allows.
+    let refused = || {
+        Failure::Other(format!(
+            "the keybroker daemon at {shown} closed the connection without an answer: it is stopping, or your user already holds as many connections as it allows (its log says which); retry, or end the processes holding connections"
+        ))
+    };
     stream.write_all(&request).map_err(|e| match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Failure::TimedOut,
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => refused(),
         _ => Failure::Other(format!("sending to the keybroker daemon at {shown}: {e}")),
     })?;
     let mut buf = Vec::with_capacity(1024);
@@ -179,6 +187,7 @@ fn exchange(
             .set_read_timeout(Some(left))
             .map_err(|e| e.to_string())?;
         match stream.read(&mut chunk) {
+            Ok(0) if buf.is_empty() => return Err(refused()),
             Ok(0) => break,
             Ok(n) => {
                 buf.extend_from_slice(&chunk[..n]);
@@ -192,6 +201,10 @@ fn exchange(
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // Closed with the request unread.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset && buf.is_empty() => {
+                return Err(refused())
+            }
             Err(e)
                 if matches!(
                     e.kind(),

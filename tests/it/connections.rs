@@ -161,6 +161,14 @@ async fn a_uid_that_never_reads_cannot_starve_the_socket() {
         peak_rss = peak_rss.max(rss_kib(&daemon));
         peak_fds = peak_fds.max(fds(&daemon));
     }
+    // The flooding uid's own next client is told why it gets nothing.
+    let (code, out, err) = env.run_as(65534, &["credential-process", "--profile", "p"]);
+    assert_eq!((code, out.as_str()), (1, ""), "{err}");
+    assert!(
+        err.contains("closed the connection without an answer")
+            && err.contains("as many connections as it allows"),
+        "{err}"
+    );
 
     wait_until("the flood's connections to close", CLOSED_WITHIN, || {
         peak_rss = peak_rss.max(rss_kib(&daemon));
