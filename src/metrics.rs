@@ -199,6 +199,7 @@ pub const STATES: [&str; 8] = [
 pub fn render(
     profiles: &[ProfileSample<'_>],
     requests: &Requests,
+    connections: Connections,
     ledger_backlog: Option<usize>,
 ) -> String {
     let mut out = String::with_capacity(4096);
@@ -349,6 +350,29 @@ pub fn render(
             count.load(Ordering::Relaxed)
         );
     }
+    for (name, help, kind, value) in [
+        (
+            "keybroker_connections_open",
+            "Connections open on the socket and the container endpoint.",
+            "gauge",
+            connections.open as u64,
+        ),
+        (
+            "keybroker_connections_limit",
+            "The most connections open at once: the open-file limit less a reserve. One uid (or the container endpoint) holds at most a quarter.",
+            "gauge",
+            connections.limit as u64,
+        ),
+        (
+            "keybroker_connections_refused_total",
+            "Connections closed as soon as accepted, their uid (or the container endpoint) holding its share, or the daemon its limit.",
+            "counter",
+            connections.refused,
+        ),
+    ] {
+        header(&mut out, name, help, kind);
+        let _ = writeln!(out, "{name} {value}");
+    }
     if let Some(backlog) = ledger_backlog {
         header(
             &mut out,
@@ -359,6 +383,17 @@ pub fn render(
         let _ = writeln!(out, "keybroker_ledger_backlog {backlog}");
     }
     out
+}
+
+/// The server's connections, counted.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Connections {
+    /// Open now.
+    pub open: usize,
+    /// The most open at once.
+    pub limit: usize,
+    /// Closed as soon as accepted, since start.
+    pub refused: u64,
 }
 
 fn header(out: &mut String, name: &str, help: &str, kind: &str) {
@@ -394,6 +429,11 @@ mod tests {
                 upstream: &stats,
             }],
             &Requests::default(),
+            Connections {
+                open: 3,
+                limit: 896,
+                refused: 7,
+            },
             Some(2),
         );
         let line = |s: &str| out.lines().any(|l| l == s);
@@ -433,6 +473,9 @@ mod tests {
             "{out}"
         );
         assert!(line("keybroker_ledger_backlog 2"), "{out}");
+        assert!(line("keybroker_connections_open 3"), "{out}");
+        assert!(line("keybroker_connections_limit 896"), "{out}");
+        assert!(line("keybroker_connections_refused_total 7"), "{out}");
         assert!(
             line("keybroker_profile_state{profile=\"p\",provider=\"dev\",state=\"ready\"} 1"),
             "{out}"

@@ -79,6 +79,8 @@ struct Counts {
     by_holder: HashMap<Holder, usize>,
     refused: Throttle,
     accept_failed: Throttle,
+    /// Connections refused since start.
+    refused_total: u64,
 }
 
 /// Logs an event at most once per [`LOG_EVERY`], counting the ones in between.
@@ -132,6 +134,16 @@ impl Limits {
         self.each
     }
 
+    /// The counts, for `/metrics`.
+    pub fn snapshot(&self) -> crate::metrics::Connections {
+        let counts = self.state.lock().expect("limits lock");
+        crate::metrics::Connections {
+            open: counts.open,
+            limit: self.total,
+            refused: counts.refused_total,
+        }
+    }
+
     /// Counts a new connection of `holder`, or refuses it (and logs that, now and then).
     pub fn admit(self: &Arc<Self>, holder: Holder) -> Option<Permit> {
         let mut counts = self.state.lock().expect("limits lock");
@@ -144,6 +156,7 @@ impl Limits {
                 holder,
             });
         }
+        counts.refused_total += 1;
         let refused = counts.refused.due()?;
         let (open, total, each) = (counts.open, self.total, self.each);
         drop(counts);

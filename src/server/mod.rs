@@ -482,7 +482,12 @@ fn metrics_body(app: &App) -> String {
             upstream: slot.upstream(),
         })
         .collect();
-    crate::metrics::render(&samples, &app.requests, app.broker.ledger_backlog())
+    crate::metrics::render(
+        &samples,
+        &app.requests,
+        app.limits.snapshot(),
+        app.broker.ledger_backlog(),
+    )
 }
 
 fn status_body(app: &App) -> Bytes {

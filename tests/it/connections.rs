@@ -161,6 +161,15 @@ async fn a_uid_that_never_reads_cannot_starve_the_socket() {
         peak_rss = peak_rss.max(rss_kib(&daemon));
         peak_fds = peak_fds.max(fds(&daemon));
     }
+    let metrics = keybroker::client::get(&daemon.socket, "/metrics", Duration::from_secs(5))
+        .expect("root reads /metrics during the flood");
+    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("keybroker_connections_refused_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(refused > 0, "{metrics}");
     // The flooding uid's own next client is told why it gets nothing.
     let (code, out, err) = env.run_as(65534, &["credential-process", "--profile", "p"]);
     assert_eq!((code, out.as_str()), (1, ""), "{err}");

@@ -146,7 +146,8 @@ async fn refused_revokes_keep_renewals_going_within_a_bounded_retired_list() {
             upstream: slot.upstream(),
         })
         .collect();
-    let scrape = keybroker::metrics::render(&samples, &Default::default(), None);
+    let scrape =
+        keybroker::metrics::render(&samples, &Default::default(), Default::default(), None);
     let line = format!(
         "keybroker_failing_revokes{{profile=\"p\",provider=\"coreweave\"}} {}",
         status.failing_revokes.len()
