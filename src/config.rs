@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -725,7 +725,8 @@ fn check_endpoint(url: &str) -> Result<(), String> {
 
 /// Reads a secret file: `name` without '/' is looked up in `$CREDENTIALS_DIRECTORY` (systemd
 /// `LoadCredential=`), a relative path is relative to the config file. The file must not be
-/// readable or writable by group or others.
+/// readable or writable by group or others, and must belong to root or to the uid running
+/// keybroker.
 fn read_secret(
     loc: &Located<'_>,
     value: &Spanned<String>,
@@ -751,7 +752,9 @@ fn read_secret(
         }
     };
     let err = |what: String| loc.at(value.span(), format!("{key} {}: {what}", path.display()));
-    let meta = std::fs::metadata(&path).map_err(|e| err(e.to_string()))?;
+    // Checked and read through one descriptor, so the file checked is the file read.
+    let mut file = std::fs::File::open(&path).map_err(|e| err(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| err(e.to_string()))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(err(format!(
@@ -759,7 +762,27 @@ fn read_secret(
             path.display()
         )));
     }
-    let text = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?;
+    // As sshd requires of its host keys: a file another user owns is one that user can swap
+    // for a token of their own, and the daemon would then act with it on their behalf.
+    // systemd's $CREDENTIALS_DIRECTORY files belong to root, or to the service's user.
+    let runner = rustix::process::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != runner {
+        let who = if runner == 0 {
+            "root".to_string()
+        } else {
+            format!(
+                "root or to {}, which runs keybroker",
+                crate::files::describe_uid(runner)
+            )
+        };
+        return Err(err(format!(
+            "owned by {}, who could swap the secret; a secret file must belong to {who}: chown root {}",
+            crate::files::describe_uid(meta.uid()),
+            path.display()
+        )));
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut file, &mut text).map_err(|e| err(e.to_string()))?;
     let secret = text.trim();
     if secret.is_empty() {
         return Err(err("the file is empty".into()));

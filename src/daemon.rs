@@ -47,14 +47,6 @@ pub enum DaemonError {
     /// The state directory's lock or ledger.
     #[error(transparent)]
     Ledger(#[from] crate::ledger::LedgerError),
-    /// A file in the state directory.
-    #[error("{path}: {source}")]
-    State {
-        /// The file.
-        path: std::path::PathBuf,
-        /// The error.
-        source: std::io::Error,
-    },
     /// The container endpoint's token files could not be written.
     #[error(transparent)]
     ContainerTokens(#[from] server::container::TokenError),
@@ -330,17 +322,17 @@ pub struct State {
 /// instance id that names this broker's keys.
 pub fn open_state(dir: &Path) -> Result<State, DaemonError> {
     let ledger = Ledger::open(dir)?;
-    let id_path = dir.join("instance");
-    let instance = match std::fs::read_to_string(&id_path) {
-        Ok(id) if id.trim().len() == 8 && id.trim().bytes().all(|b| b.is_ascii_hexdigit()) => {
-            id.trim().to_string()
-        }
+    let found = ledger
+        .state_dir()
+        .read(INSTANCE)?
+        .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_string());
+    let instance = match found {
+        Some(id) if id.len() == 8 && id.bytes().all(|b| b.is_ascii_hexdigit()) => id,
         _ => {
             let id = format!("{:08x}", rand::random::<u32>());
-            std::fs::write(&id_path, format!("{id}\n")).map_err(|source| DaemonError::State {
-                path: id_path.clone(),
-                source,
-            })?;
+            ledger
+                .state_dir()
+                .write(INSTANCE, format!("{id}\n").as_bytes())?;
             id
         }
     };
@@ -349,6 +341,9 @@ pub fn open_state(dir: &Path) -> Result<State, DaemonError> {
         tag_prefix: crate::broker::tag_prefix(&instance),
     })
 }
+
+/// The file in the state directory that holds the instance id.
+const INSTANCE: &str = "instance";
 
 /// The recovery targets: each profile's provider and stop policy.
 pub fn targets(profiles: &[ProfileSpec]) -> BTreeMap<String, Target> {

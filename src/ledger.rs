@@ -10,15 +10,18 @@
 //!
 //! One daemon per state dir: `state_dir/lock` is held with an exclusive `flock` and names the
 //! holder's pid.
+//!
+//! The state dir must be the daemon's own: not a symlink, owned by its uid, not writable by
+//! group or others ([`StateDir::open`]); its files are never opened through a symlink.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use rustix::fs::FlockOperation;
+use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags};
 use serde::{Deserialize, Serialize};
 
 use crate::provider::ProviderKind;
@@ -99,8 +102,24 @@ pub enum LedgerError {
         /// The holder's pid, as it wrote it.
         pid: String,
     },
+    /// The state directory is not one only the daemon's user controls.
+    #[error("state directory {path} {why}")]
+    UnsafeDir {
+        /// The state dir.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        why: String,
+    },
+    /// A symlink sits where a file of the state directory belongs.
+    #[error("{path} is a symlink to {target}, which keybroker never makes; remove it, and find out who put it there")]
+    Symlink {
+        /// The file.
+        path: PathBuf,
+        /// Where it points.
+        target: String,
+    },
     /// A file operation failed.
-    #[error("ledger {path}: {what}: {source}")]
+    #[error("{path}: {what}: {source}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -116,10 +135,149 @@ fn io_err(path: &Path, what: &'static str) -> impl FnOnce(io::Error) -> LedgerEr
     move |source| LedgerError::Io { path, what, source }
 }
 
+/// The ledger's file name in the state directory.
+const LEDGER: &str = "ledger.jsonl";
+/// Where compaction writes the new ledger before renaming it over the old one.
+const LEDGER_TMP: &str = "ledger.jsonl.tmp";
+/// The lock file's name.
+const LOCK: &str = "lock";
+
+/// The state directory, checked and held open. Its files are opened relative to this
+/// descriptor with `O_NOFOLLOW` and created with mode 0600: a symlink planted in it (say
+/// `lock` pointing at a root-only file) makes the open fail instead of truncating its target.
+#[derive(Debug)]
+pub struct StateDir {
+    path: PathBuf,
+    fd: OwnedFd,
+}
+
+impl StateDir {
+    /// Opens `path`, creating it with mode 0700 (missing parents 0755) whatever the umask.
+    /// Refused, as sshd refuses such a home for its keys: a symlink, anything not a directory,
+    /// a directory owned by another uid than the daemon's (effective) one, or one that group or
+    /// others may write. Whoever can change its entries could otherwise swap the ledger (and
+    /// with it, which keys the next start revokes) or aim the daemon's writes elsewhere.
+    pub fn open(path: &Path) -> Result<StateDir, LedgerError> {
+        let refuse = |why: String| LedgerError::UnsafeDir {
+            path: path.to_path_buf(),
+            why,
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                crate::files::create_dir(path, 0o700)
+                    .map_err(io_err(path, "creating the state directory"))?;
+            }
+            Err(e) => return Err(io_err(path, "inspecting the state directory")(e)),
+        }
+        let fd = match crate::files::open_dir(path) {
+            Ok(fd) => fd,
+            Err(e) => return Err(match std::fs::symlink_metadata(path) {
+                Ok(meta) if meta.file_type().is_symlink() => {
+                    let target = std::fs::read_link(path)
+                        .map_or_else(|_| "?".into(), |t| t.display().to_string());
+                    refuse(format!(
+                        "is a symlink to {target}; point state_dir at the real directory"
+                    ))
+                }
+                Ok(meta) if !meta.is_dir() => refuse(
+                    "is not a directory; point state_dir at a directory, or remove what is there"
+                        .into(),
+                ),
+                _ => io_err(path, "opening the state directory")(e),
+            }),
+        };
+        let stat = rustix::fs::fstat(&fd)
+            .map_err(|e| io_err(path, "inspecting the state directory")(e.into()))?;
+        let daemon = rustix::process::geteuid().as_raw();
+        if stat.st_uid != daemon {
+            return Err(refuse(format!(
+                "is owned by {}, not by the daemon's {}, so that user could replace its files; chown it to the daemon's user, or point state_dir at a directory of its own",
+                crate::files::describe_uid(stat.st_uid),
+                crate::files::describe_uid(daemon),
+            )));
+        }
+        let mode = stat.st_mode & 0o7777;
+        if mode & 0o022 != 0 {
+            return Err(refuse(format!(
+                "has mode {mode:04o}, which lets other users replace its files; chmod 700 it"
+            )));
+        }
+        Ok(StateDir {
+            path: path.to_path_buf(),
+            fd,
+        })
+    }
+
+    /// The directory's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Opens `name` in the directory with `flags`, never through a symlink; a file it creates
+    /// is 0600.
+    fn open_file(
+        &self,
+        name: &str,
+        flags: OFlags,
+        what: &'static str,
+    ) -> Result<File, LedgerError> {
+        let path = self.path.join(name);
+        let flags = flags | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        match rustix::fs::openat(&self.fd, name, flags, Mode::from_raw_mode(0o600)) {
+            Ok(fd) => Ok(File::from(fd)),
+            Err(rustix::io::Errno::LOOP) => {
+                let target = rustix::fs::readlinkat(&self.fd, name, Vec::new())
+                    .map_or_else(|_| "?".into(), |t| t.to_string_lossy().into_owned());
+                Err(LedgerError::Symlink { path, target })
+            }
+            Err(e) => Err(io_err(&path, what)(e.into())),
+        }
+    }
+
+    /// Opens (creating if needed) `name` for writing with `flags`, and makes it 0600 even if it
+    /// was there with another mode.
+    fn open_private(
+        &self,
+        name: &str,
+        flags: OFlags,
+        what: &'static str,
+    ) -> Result<File, LedgerError> {
+        let file = self.open_file(name, flags | OFlags::CREATE, what)?;
+        rustix::fs::fchmod(&file, Mode::from_raw_mode(0o600))
+            .map_err(|e| io_err(&self.path.join(name), what)(e.into()))?;
+        Ok(file)
+    }
+
+    /// The content of `name`, or `None` if there is no such file.
+    pub fn read(&self, name: &str) -> Result<Option<Vec<u8>>, LedgerError> {
+        let mut file = match self.open_file(name, OFlags::RDONLY, "reading") {
+            Ok(f) => f,
+            Err(LedgerError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
+        let mut content = Vec::new();
+        file.read_to_end(&mut content)
+            .map_err(io_err(&self.path.join(name), "reading"))?;
+        Ok(Some(content))
+    }
+
+    /// Replaces the content of `name` (mode 0600) with `content`, synced.
+    pub fn write(&self, name: &str, content: &[u8]) -> Result<(), LedgerError> {
+        let path = self.path.join(name);
+        let mut file = self.open_private(name, OFlags::WRONLY | OFlags::TRUNC, "writing")?;
+        file.write_all(content)
+            .and_then(|()| file.sync_all())
+            .map_err(io_err(&path, "writing"))
+    }
+}
+
 /// The open ledger, holding the state dir's lock.
 #[derive(Debug)]
 pub struct Ledger {
-    dir: PathBuf,
+    dir: StateDir,
     path: PathBuf,
     file: Mutex<File>,
     _lock: File,
@@ -129,19 +287,12 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// Opens (creating if needed) the ledger in `state_dir` and takes the state dir's lock.
+    /// Opens (creating if needed, see [`StateDir::open`]) the ledger in `state_dir` and takes
+    /// the state dir's lock.
     pub fn open(state_dir: &Path) -> Result<Ledger, LedgerError> {
-        std::fs::create_dir_all(state_dir)
-            .map_err(io_err(state_dir, "creating the state directory"))?;
-        let lock_path = state_dir.join("lock");
-        let mut lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(io_err(&lock_path, "opening the lock file"))?;
+        let dir = StateDir::open(state_dir)?;
+        let lock_path = state_dir.join(LOCK);
+        let mut lock = dir.open_private(LOCK, OFlags::RDWR, "opening the lock file")?;
         if rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive).is_err() {
             let mut pid = String::new();
             let _ = lock.read_to_string(&mut pid);
@@ -154,15 +305,19 @@ impl Ledger {
             .map_err(io_err(&lock_path, "writing the lock file"))?;
         writeln!(lock, "{}", std::process::id())
             .map_err(io_err(&lock_path, "writing the lock file"))?;
-        let path = state_dir.join("ledger.jsonl");
-        let file = open_append(&path)?;
+        let file = open_append(&dir)?;
         Ok(Ledger {
-            dir: state_dir.to_path_buf(),
-            path,
+            path: state_dir.join(LEDGER),
+            dir,
             file: Mutex::new(file),
             _lock: lock,
             open: Mutex::default(),
         })
+    }
+
+    /// The state directory (for its other files, such as the instance id).
+    pub fn state_dir(&self) -> &StateDir {
+        &self.dir
     }
 
     /// The ledger file.
@@ -176,8 +331,9 @@ impl Ledger {
         line.push(b'\n');
         let mut file = self.file.lock().expect("ledger lock poisoned");
         file.write_all(&line)
-            .map_err(io_err(&self.path, "appending"))?;
-        file.sync_data().map_err(io_err(&self.path, "syncing"))?;
+            .map_err(io_err(&self.path, "appending to the ledger"))?;
+        file.sync_data()
+            .map_err(io_err(&self.path, "syncing the ledger"))?;
         drop(file);
         let mut open = self.open.lock().expect("ledger lock poisoned");
         match record {
@@ -200,7 +356,9 @@ impl Ledger {
 
     /// Reads every record and works out which leases are still open.
     pub fn replay(&self) -> Result<Replay, LedgerError> {
-        let file = File::open(&self.path).map_err(io_err(&self.path, "reading"))?;
+        let file = self
+            .dir
+            .open_file(LEDGER, OFlags::RDONLY, "reading the ledger")?;
         let mut reader = BufReader::new(file);
         let mut replay = Replay::default();
         let mut leases: BTreeMap<String, (usize, OpenLease)> = BTreeMap::new();
@@ -210,7 +368,7 @@ impl Ledger {
             buf.clear();
             let n = reader
                 .read_until(b'\n', &mut buf)
-                .map_err(io_err(&self.path, "reading"))?;
+                .map_err(io_err(&self.path, "reading the ledger"))?;
             if n == 0 {
                 break;
             }
@@ -269,14 +427,17 @@ impl Ledger {
     /// Rewrites the ledger to hold only `open` (written to a new file, synced, renamed over
     /// the old one), so that it does not grow without bound.
     pub fn compact(&self, open: &[OpenLease]) -> Result<(), LedgerError> {
-        let tmp = self.dir.join("ledger.jsonl.tmp");
-        let mut out = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_err(&tmp, "creating"))?;
+        let tmp = self.dir.path.join(LEDGER_TMP);
+        // A copy a crash left behind is stale; O_EXCL then makes the file anew, private.
+        match rustix::fs::unlinkat(&self.dir.fd, LEDGER_TMP, AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(io_err(&tmp, "removing a stale compacted ledger")(e.into())),
+        }
+        let mut out = self.dir.open_file(
+            LEDGER_TMP,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+            "creating the compacted ledger",
+        )?;
         for lease in open {
             let mut lines = vec![Record::Intent {
                 lease: lease.lease.clone(),
@@ -296,38 +457,39 @@ impl Ledger {
             for record in lines {
                 let mut line = serde_json::to_vec(&record).expect("records serialize");
                 line.push(b'\n');
-                out.write_all(&line).map_err(io_err(&tmp, "writing"))?;
+                out.write_all(&line)
+                    .map_err(io_err(&tmp, "writing the compacted ledger"))?;
             }
         }
-        out.sync_all().map_err(io_err(&tmp, "syncing"))?;
+        out.sync_all()
+            .map_err(io_err(&tmp, "syncing the compacted ledger"))?;
         let mut file = self.file.lock().expect("ledger lock poisoned");
-        std::fs::rename(&tmp, &self.path).map_err(io_err(&self.path, "replacing"))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(&self.dir, "syncing the directory"))?;
-        *file = open_append(&self.path)?;
+        rustix::fs::renameat(&self.dir.fd, LEDGER_TMP, &self.dir.fd, LEDGER).map_err(|e| {
+            io_err(&self.path, "replacing the ledger with its compacted copy")(e.into())
+        })?;
+        rustix::fs::fsync(&self.dir.fd)
+            .map_err(|e| io_err(&self.dir.path, "syncing the state directory")(e.into()))?;
+        *file = open_append(&self.dir)?;
         drop(file);
         self.set_open(open);
         Ok(())
     }
 }
 
-fn open_append(path: &Path) -> Result<File, LedgerError> {
-    let file = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_err(path, "opening"))?;
-    // An existing file keeps its mode on open: make sure it is private.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(io_err(path, "setting its mode"))?;
-    Ok(file)
+/// The ledger, open for appending, mode 0600 (an existing file keeps its mode on open: it is
+/// made private again).
+fn open_append(dir: &StateDir) -> Result<File, LedgerError> {
+    dir.open_private(
+        LEDGER,
+        OFlags::WRONLY | OFlags::APPEND,
+        "opening the ledger",
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn intent(lease: &str) -> Record {
         Record::Intent {

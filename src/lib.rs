@@ -13,7 +13,8 @@
 //!
 //! Around them: [`config`] (TOML, validated with file positions), [`daemon`] (start-up and the
 //! ordered shutdown), [`client`] (the `credential-process` side, std only), [`cli`], [`clock`]
-//! (injectable time for paused-clock tests), [`logging`] and [`users`].
+//! (injectable time for paused-clock tests), [`files`] (directories made with explicit modes),
+//! [`logging`] and [`users`].
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -25,6 +26,7 @@ pub mod clock;
 pub mod config;
 pub mod credentials;
 pub mod daemon;
+pub mod files;
 pub mod ledger;
 pub mod logging;
 pub mod metrics;

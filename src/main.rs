@@ -225,6 +225,10 @@ fn serve(
     dev: bool,
     log_format: Option<logging::LogFormat>,
 ) -> ExitCode {
+    // Defence in depth: every file and directory the daemon makes is given its mode explicitly
+    // (README, "Files the daemon creates"), but nothing it makes is for others unless it says
+    // so; the unit sets UMask=0077 too.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let config = if dev {
         config::dev()
     } else {

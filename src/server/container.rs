@@ -50,11 +50,18 @@ impl ContainerTokens {
             let path = path.to_path_buf();
             move |source| TokenError { path, what, source }
         };
-        std::fs::create_dir_all(dir).map_err(err(dir, "creating the directory"))?;
         let shared = profiles.iter().any(|(_, g)| g.is_some());
         let dir_mode = if shared { 0o755 } else { 0o700 };
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode))
-            .map_err(err(dir, "setting the directory's mode"))?;
+        // Explicit modes whatever the umask, and never through a symlink at `dir`.
+        match std::fs::symlink_metadata(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                crate::files::create_dir(dir, dir_mode)
+                    .map_err(err(dir, "creating the directory"))?;
+            }
+            Err(e) => return Err(err(dir, "inspecting the directory")(e)),
+            Ok(_) => crate::files::chmod_dir(dir, dir_mode)
+                .map_err(err(dir, "setting the directory's mode"))?,
+        }
         let tokens = ContainerTokens {
             dir: dir.to_path_buf(),
             tokens: std::sync::RwLock::new(HashMap::new()),
@@ -73,7 +80,7 @@ impl ContainerTokens {
         };
         if group.is_some() {
             // Group members must be able to enter the directory to reach their token.
-            std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o755))
+            crate::files::chmod_dir(&self.dir, 0o755)
                 .map_err(err(&self.dir, "setting the directory's mode"))?;
         }
         let mut raw = [0u8; 32];
@@ -85,19 +92,22 @@ impl ContainerTokens {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .custom_flags(crate::files::nofollow())
             .mode(0o600)
             .open(&tmp)
             .map_err(err(&tmp, "creating"))?;
-        f.write_all(value.expose().as_bytes())
-            .map_err(err(&tmp, "writing"))?;
+        // Mode and group are set on the open file, not by path: explicit whatever the umask.
+        let mode = if group.is_some() { 0o640 } else { 0o600 };
         if let Some(gid) = group {
-            std::os::unix::fs::chown(&tmp, None, Some(gid)).map_err(err(
+            std::os::unix::fs::fchown(&f, None, Some(gid)).map_err(err(
                 &tmp,
                 "giving it to the profile's group (is the daemon a member?)",
             ))?;
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o640))
-                .map_err(err(&tmp, "setting its mode"))?;
         }
+        f.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(err(&tmp, "setting its mode"))?;
+        f.write_all(value.expose().as_bytes())
+            .map_err(err(&tmp, "writing"))?;
         std::fs::rename(&tmp, &file).map_err(err(&file, "moving it into place"))?;
         self.tokens
             .write()

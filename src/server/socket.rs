@@ -197,14 +197,15 @@ fn prepare_dir(dir: &Path, socket_mode: u32) -> Result<(), BindError> {
             Ok(())
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir).map_err(io_err(dir, "creating the socket directory"))?;
             let dir_mode = if socket_mode & 0o077 == 0 {
                 0o700
             } else {
                 0o755
             };
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode))
-                .map_err(io_err(dir, "setting the socket directory's mode"))?;
+            // Explicit modes, for the directory and any missing parent: under `umask 000` a
+            // plain create_dir_all would leave them world-writable.
+            crate::files::create_dir(dir, dir_mode)
+                .map_err(io_err(dir, "creating the socket directory"))?;
             Ok(())
         }
         Err(e) => Err(io_err(dir, "inspecting the socket directory")(e)),

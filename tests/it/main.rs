@@ -12,4 +12,5 @@ mod operator;
 mod promise;
 mod recovery;
 mod socket_trust;
+mod state_files;
 mod systemd;
