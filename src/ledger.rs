@@ -190,6 +190,14 @@ impl StateDir {
         let stat = rustix::fs::fstat(&fd)
             .map_err(|e| io_err(path, "inspecting the state directory")(e.into()))?;
         let daemon = rustix::process::geteuid().as_raw();
+        if stat.st_uid != daemon && daemon == 0 {
+            // Root meeting the service user's directory: `sweep` run by hand, most likely.
+            return Err(refuse(format!(
+                "is owned by {}, not by the daemon's uid 0 (root), so that user could replace its files; if it is a service's state directory, run keybroker as its user (sudo -u {} keybroker ...), else chown it to root or point state_dir at a directory of root's",
+                crate::files::describe_uid(stat.st_uid),
+                crate::users::user_name(stat.st_uid).unwrap_or_else(|| format!("#{}", stat.st_uid)),
+            )));
+        }
         if stat.st_uid != daemon {
             return Err(refuse(format!(
                 "is owned by {}, not by the daemon's {}, so that user could replace its files; chown it to the daemon's user, or point state_dir at a directory of its own",

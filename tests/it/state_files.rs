@@ -90,7 +90,7 @@ fn serve_refuses_a_state_dir_it_does_not_control() {
                 dir
             },
             format!(
-                "is owned by {}, not by the daemon's uid 0 (root), so that user could replace its files; chown it to the daemon's user, or point state_dir at a directory of its own",
+                "is owned by {}, not by the daemon's uid 0 (root), so that user could replace its files; if it is a service's state directory, run keybroker as its user (sudo -u nobody keybroker ...), else chown it to root or point state_dir at a directory of root's",
                 nobody()
             ),
         ),
