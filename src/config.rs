@@ -733,7 +733,8 @@ fn read_secret(
     key: &str,
 ) -> Result<Secret, ConfigError> {
     let raw = value.get_ref();
-    let path = if raw.contains('/') {
+    let credential = !raw.contains('/');
+    let path = if !credential {
         let p = PathBuf::from(raw);
         if p.is_relative() {
             loc.path.parent().unwrap_or(Path::new(".")).join(p)
@@ -756,7 +757,11 @@ fn read_secret(
     let mut file = std::fs::File::open(&path).map_err(|e| err(e.to_string()))?;
     let meta = file.metadata().map_err(|e| err(e.to_string()))?;
     let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
+    // systemd may give the service's user a root-owned credential through an ACL, which `ls`
+    // shows as group bits (0440, group root); nobody else can read it or write in that
+    // directory.
+    let systemd_acl = credential && meta.uid() == 0 && meta.gid() == 0 && mode & 0o037 == 0;
+    if mode & 0o077 != 0 && !systemd_acl {
         return Err(err(format!(
             "readable by group or others (mode {mode:04o}); a secret file must be private: chmod 600 {}",
             path.display()

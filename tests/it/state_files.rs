@@ -358,3 +358,40 @@ fn a_secret_file_another_user_owns_is_refused() {
     let (status, _) = daemon.stop(Duration::from_secs(20));
     assert!(status.success(), "{}", daemon.logs());
 }
+
+/// A systemd credential that systemd handed to the service's user through an ACL (root's file,
+/// mode 0440, group root) is read; the same file named by a path, outside
+/// `$CREDENTIALS_DIRECTORY`, is refused as readable by group.
+#[test]
+fn a_systemd_credential_shared_by_acl_is_read() {
+    assert_root();
+    let env = Env::new();
+    let creds = env.path("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    let token = creds.join("coreweave-token");
+    std::fs::write(&token, "secret-token\n").unwrap();
+    std::os::unix::fs::chown(&token, Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o440)).unwrap();
+    let profile = |token_file: &str| {
+        format!("[profiles.a]\nprovider = \"coreweave\"\nendpoint = \"http://127.0.0.1:1\"\nprewarm = false\ntoken_file = \"{token_file}\"\n")
+    };
+    let config = env.config(&profile("coreweave-token"));
+    let out = env
+        .command(&["check-config", "--config", config.to_str().unwrap()])
+        .env("CREDENTIALS_DIRECTORY", &creds)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let config = env.config(&profile(token.to_str().unwrap()));
+    let (code, _, stderr) = env.run(&["check-config", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains("readable by group or others (mode 0440)"),
+        "{stderr}"
+    );
+}
