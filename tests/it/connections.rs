@@ -38,31 +38,19 @@ async fn flooded_daemon(server: &str) -> (Env, Arc<FakeCloud>, Daemon) {
         "[server]\nsocket_mode = \"0666\"\n{server}\n{}",
         fake.profile_toml("coreweave", "p", &url, &env, "allow_uids = [0]\n")
     ));
-    let log = env.path("daemon.log");
     let limit = format!("--nofile={FD_LIMIT}:{FD_LIMIT}");
-    let child = env
-        .program(
-            "prlimit",
-            &[
-                &limit,
-                "--",
-                BIN,
-                "serve",
-                "--config",
-                config.to_str().unwrap(),
-            ],
-        )
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut daemon = Daemon {
-        child: Some(child),
-        log,
-        socket: env.socket(),
-    };
-    tokio::task::block_in_place(|| daemon.wait_ready());
+    let command = env.program(
+        "prlimit",
+        &[
+            &limit,
+            "--",
+            BIN,
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
+    let daemon = tokio::task::block_in_place(|| env.start_daemon(command, env.socket()));
     (env, fake, daemon)
 }
 

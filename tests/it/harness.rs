@@ -87,11 +87,20 @@ impl Env {
 
     /// [`Env::serve`] with extra environment variables.
     pub fn serve_with(&self, config: &Path, rust_log: &str, vars: &[(&str, &str)]) -> Daemon {
+        let mut command = self.command(&["serve", "--config", config.to_str().unwrap()]);
+        command.envs(vars.iter().copied()).env("RUST_LOG", rust_log);
+        self.start_daemon(command, self.socket())
+    }
+
+    /// Starts a daemon from `command` (`serve`, or a wrapper that execs it) with stderr
+    /// captured, logging at `info` unless the command says otherwise, and waits until it
+    /// answers on `socket`.
+    pub fn start_daemon(&self, mut command: Command, socket: PathBuf) -> Daemon {
+        if !command.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            command.env("RUST_LOG", "info");
+        }
         let log = self.path("daemon.log");
-        let child = self
-            .command(&["serve", "--config", config.to_str().unwrap()])
-            .envs(vars.iter().copied())
-            .env("RUST_LOG", rust_log)
+        let child = command
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -99,7 +108,7 @@ impl Env {
         let mut d = Daemon {
             child: Some(child),
             log,
-            socket: self.socket(),
+            socket,
         };
         d.wait_ready();
         d

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::harness::{Daemon, Env, BIN};
+use crate::harness::{Env, BIN};
 
 /// A config with one dev profile: serve needs no cloud.
 const DEV: &str = "[profiles.p]\nprovider = \"dev\"\n";
@@ -278,31 +278,19 @@ fn modes_under_umask_000(
         "[server]\n{server}state_dir = \"{}\"\n[server.container]\nlisten = \"127.0.0.1:{port}\"\n{DEV}{profiles}",
         state.display()
     ));
-    let log = env.path("daemon.log");
-    let child = env
-        .program(
-            "sh",
-            &[
-                "-c",
-                "umask 000; exec \"$0\" \"$@\"",
-                BIN,
-                "serve",
-                "--config",
-                config.to_str().unwrap(),
-            ],
-        )
-        .env("KEYBROKER_SOCKET", &socket)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut daemon = Daemon {
-        child: Some(child),
-        log,
-        socket,
-    };
-    daemon.wait_ready();
+    let mut command = env.program(
+        "sh",
+        &[
+            "-c",
+            "umask 000; exec \"$0\" \"$@\"",
+            BIN,
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
+    command.env("KEYBROKER_SOCKET", &socket);
+    let mut daemon = env.start_daemon(command, socket);
     let skip = ["keybroker.toml", "daemon.log"];
     let running = tree(env.dir.path(), &skip);
     if !profiles.is_empty() {

@@ -301,21 +301,9 @@ async fn a_single_provider_install_starts_without_the_other_providers_secrets() 
             .find_map(|l| l.strip_prefix("ExecStart="))
             .unwrap();
         let argv: Vec<&str> = exec.split_whitespace().collect();
-        let log = env.path("daemon.log");
-        let child = env
-            .program(argv[0], &argv[1..])
-            .env("CREDENTIALS_DIRECTORY", &credentials)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut daemon = Daemon {
-            child: Some(child),
-            log,
-            socket: env.socket(),
-        };
-        tokio::task::block_in_place(|| daemon.wait_ready());
+        let mut command = env.program(argv[0], &argv[1..]);
+        command.env("CREDENTIALS_DIRECTORY", &credentials);
+        let mut daemon = tokio::task::block_in_place(|| env.start_daemon(command, env.socket()));
         let (code, stdout, stderr) =
             tokio::task::block_in_place(|| env.run(&["credential-process", "--profile", "p"]));
         assert_eq!(code, 0, "{provider}: {stderr}\n{}", daemon.logs());
