@@ -1,8 +1,9 @@
 //! `GET /metrics`: Prometheus text exposition format 0.0.4.
 //!
-//! Counters live where the events happen (a slot's [`crate::broker::Slot::counters`], the
-//! upstream call timings of [`Timed`], the server's [`Requests`], the ledger's open leases) and
-//! are read when a scrape comes; nothing is kept here between scrapes. Labels are the profile
+//! Counters live where the events happen (each profile's key slot, the upstream call timings
+//! of [`Timed`], the server's [`Requests`], the ledger's open leases); a scrape reads them
+//! into plain snapshots ([`ProfileValues`], [`Connections`]) and renders those; nothing is kept
+//! here between scrapes. Labels are the profile
 //! and provider names only (config-bound, so the series count stays small), never a key id.
 
 use std::fmt::Write as _;
@@ -177,10 +178,37 @@ pub struct ProfileSample<'a> {
     pub profile: &'a str,
     /// Provider name.
     pub provider: ProviderKind,
-    /// Its status (counters, state, remaining time).
-    pub status: &'a crate::broker::SlotStatus,
+    /// Its counters, gauges and state.
+    pub values: ProfileValues,
     /// Its upstream call timings.
     pub upstream: &'a UpstreamStats,
+}
+
+/// One profile's numbers at the time of a scrape.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProfileValues {
+    /// Keys minted (first keys, renewals and rotations).
+    pub mints: u64,
+    /// Mints that replaced a current key.
+    pub renewals: u64,
+    /// Keys revoked.
+    pub revokes: u64,
+    /// Mint attempts that failed.
+    pub mint_failures: u64,
+    /// Revoke attempts that failed.
+    pub revoke_failures: u64,
+    /// Answers with a key that had less than `min_remaining` left.
+    pub degraded_serves: u64,
+    /// Seconds until the served key expires; 0 without one.
+    pub key_remaining_seconds: u64,
+    /// Replaced keys awaiting revocation.
+    pub retired_keys: u64,
+    /// Retired keys whose revocation is failing.
+    pub failing_revokes: u64,
+    /// Creates whose key may exist or still land.
+    pub unsettled_creates: u64,
+    /// One of [`STATES`].
+    pub state: &'static str,
 }
 
 /// Every state a profile can be in, for the one-hot `keybroker_profile_state` gauge.
@@ -210,70 +238,70 @@ pub fn render(
             p.provider
         )
     };
-    type Pick = fn(&crate::broker::SlotStatus) -> u64;
+    type Pick = fn(&ProfileValues) -> u64;
     let per_profile: [(&str, &str, &str, Pick); 10] = [
         (
             "keybroker_mints_total",
             "Keys minted (first keys, renewals and rotations).",
             "counter",
-            |s| s.counters.mints,
+            |v| v.mints,
         ),
         (
             "keybroker_renewals_total",
             "Mints that replaced a current key.",
             "counter",
-            |s| s.counters.renewals,
+            |v| v.renewals,
         ),
-        ("keybroker_revokes_total", "Keys revoked.", "counter", |s| {
-            s.counters.revokes
+        ("keybroker_revokes_total", "Keys revoked.", "counter", |v| {
+            v.revokes
         }),
         (
             "keybroker_mint_failures_total",
             "Mint attempts that failed.",
             "counter",
-            |s| s.counters.mint_failures,
+            |v| v.mint_failures,
         ),
         (
             "keybroker_revoke_failures_total",
             "Revoke attempts that failed.",
             "counter",
-            |s| s.counters.revoke_failures,
+            |v| v.revoke_failures,
         ),
         (
             "keybroker_degraded_serves_total",
             "Requests answered with a key that has less than min_remaining left.",
             "counter",
-            |s| s.counters.degraded_serves,
+            |v| v.degraded_serves,
         ),
         (
             "keybroker_key_remaining_seconds",
             "Seconds until the served key of the profile expires; 0 when it has none.",
             "gauge",
-            |s| s.expires_in_seconds.unwrap_or(0).max(0) as u64,
+            |v| v.key_remaining_seconds,
         ),
         (
             "keybroker_retired_keys",
             "Replaced keys still valid, awaiting revocation at their expiry.",
             "gauge",
-            |s| s.retired_keys as u64,
+            |v| v.retired_keys,
         ),
         (
             "keybroker_failing_revokes",
             "Retired keys whose revocation failed, retried (status names them and the provider's words).",
             "gauge",
-            |s| s.failing_revokes.len() as u64,
+            |v| v.failing_revokes,
         ),
         (
             "keybroker_unsettled_creates",
             "Creates whose key may exist or still land, looked for by their tag.",
             "gauge",
-            |s| s.unsettled_creates.len() as u64,
+            |v| v.unsettled_creates,
         ),
     ];
     for (name, help, kind, pick) in per_profile {
         header(&mut out, name, help, kind);
         for p in profiles {
-            let _ = writeln!(out, "{name}{{{}}} {}", labels(p), pick(p.status));
+            let _ = writeln!(out, "{name}{{{}}} {}", labels(p), pick(&p.values));
         }
     }
     header(
@@ -288,7 +316,7 @@ pub fn render(
                 out,
                 "keybroker_profile_state{{{},state=\"{state}\"}} {}",
                 labels(p),
-                u8::from(p.status.state == state)
+                u8::from(p.values.state == state)
             );
         }
     }
@@ -420,12 +448,14 @@ mod tests {
         h.observe(Duration::from_millis(3), true);
         h.observe(Duration::from_millis(30), true);
         h.observe(Duration::from_secs(30), false);
-        let status = crate::broker::SlotStatus::example("ready");
         let out = render(
             &[ProfileSample {
                 profile: "p",
                 provider: ProviderKind::Dev,
-                status: &status,
+                values: ProfileValues {
+                    state: "ready",
+                    ..ProfileValues::default()
+                },
                 upstream: &stats,
             }],
             &Requests::default(),

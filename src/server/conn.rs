@@ -118,7 +118,8 @@ impl Limits {
         }
     }
 
-    /// Limits from this process's open-file limit (after [`crate::daemon::raise_fd_limit`]).
+    /// Limits from this process's open-file limit (which the daemon raises to the hard limit
+    /// first).
     pub fn from_process() -> Limits {
         let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
         Limits::for_fd_limit(limit.current.unwrap_or(MAX_TOTAL))

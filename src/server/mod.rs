@@ -478,7 +478,7 @@ fn metrics_body(app: &App) -> String {
         .map(|((name, slot), status)| crate::metrics::ProfileSample {
             profile: name,
             provider: slot.provider().kind(),
-            status,
+            values: status.into(),
             upstream: slot.upstream(),
         })
         .collect();
@@ -488,6 +488,26 @@ fn metrics_body(app: &App) -> String {
         app.limits.snapshot(),
         app.broker.ledger_backlog(),
     )
+}
+
+/// A profile's status, in the numbers `/metrics` shows.
+impl From<&crate::broker::SlotStatus> for crate::metrics::ProfileValues {
+    fn from(status: &crate::broker::SlotStatus) -> Self {
+        let c = &status.counters;
+        crate::metrics::ProfileValues {
+            mints: c.mints,
+            renewals: c.renewals,
+            revokes: c.revokes,
+            mint_failures: c.mint_failures,
+            revoke_failures: c.revoke_failures,
+            degraded_serves: c.degraded_serves,
+            key_remaining_seconds: status.expires_in_seconds.unwrap_or(0).max(0) as u64,
+            retired_keys: status.retired_keys as u64,
+            failing_revokes: status.failing_revokes.len() as u64,
+            unsettled_creates: status.unsettled_creates.len() as u64,
+            state: status.state,
+        }
+    }
 }
 
 fn status_body(app: &App) -> Bytes {
