@@ -263,7 +263,7 @@ fn parse(buf: &[u8]) -> Result<Option<Answer>, String> {
 /// Refuses a profile name that no config can hold (`[A-Za-z0-9_.-]`, DESIGN.md §3) before it
 /// goes into a request line.
 fn check_profile(profile: &str) -> Result<(), String> {
-    if crate::config::valid_profile_name(profile) {
+    if crate::paths::valid_profile_name(profile) {
         Ok(())
     } else {
         Err(format!(

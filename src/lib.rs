@@ -30,6 +30,7 @@ pub mod files;
 pub mod ledger;
 pub mod logging;
 pub mod metrics;
+pub mod paths;
 pub mod provider;
 pub mod recovery;
 pub mod server;

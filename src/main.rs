@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use keybroker::cli::{Cli, Command};
-use keybroker::{client, config, daemon, logging};
+use keybroker::{client, config, daemon, logging, paths};
 
 /// Bad usage or configuration (sysexits EX_USAGE).
 const EXIT_USAGE: u8 = 64;
@@ -49,7 +49,7 @@ fn main() -> ExitCode {
             log_format,
         } => serve(config, dev, log_format),
         Command::CheckConfig { config } => {
-            let path = config::resolve_config_path(config.as_deref());
+            let path = paths::resolve_config_path(config.as_deref());
             match config::load(&path) {
                 Ok(c) => {
                     println!(
@@ -99,7 +99,7 @@ fn main() -> ExitCode {
         }
         Command::Man { dir } => man(dir.as_deref()),
         Command::Status { socket, json } => {
-            let socket = config::resolve_client_socket(socket.as_deref());
+            let socket = paths::resolve_client_socket(socket.as_deref());
             match client::status(&socket, json) {
                 Ok(healthy) => {
                     if healthy {
@@ -160,7 +160,7 @@ fn credential_process(
         Ok(t) => t.unwrap_or(client::CREDENTIALS_TIMEOUT),
         Err(line) => return fail_usage(&line),
     };
-    let socket = config::resolve_client_socket(socket);
+    let socket = paths::resolve_client_socket(socket);
     match client::credential_process(&socket, profile, timeout) {
         Ok(json) => {
             let mut out = std::io::stdout().lock();
@@ -200,7 +200,7 @@ fn man(dir: Option<&std::path::Path>) -> ExitCode {
 
 /// `rotate`, `revoke`, `revoke-principal`: one call to the daemon, its outcome on stdout.
 fn admin(socket: Option<&std::path::Path>, profile: &str, call: &client::AdminCall) -> ExitCode {
-    let socket = config::resolve_client_socket(socket);
+    let socket = paths::resolve_client_socket(socket);
     match client::admin(&socket, profile, call) {
         Ok(text) => {
             print!("{text}");
@@ -232,7 +232,7 @@ fn serve(
     let config = if dev {
         config::dev()
     } else {
-        let path = config::resolve_config_path(config_flag.as_deref());
+        let path = paths::resolve_config_path(config_flag.as_deref());
         match config::load(&path) {
             Ok(c) => c,
             Err(e) => return fail_usage(&format!("config {e}")),
@@ -245,7 +245,7 @@ fn serve(
         Ok(listener) => listener,
         Err(e) => return fail(&format!("socket passed by systemd: {e}")),
     };
-    let socket = config::resolve_socket(None, config.server.socket.as_deref());
+    let socket = paths::resolve_socket(None, config.server.socket.as_deref());
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     // TOKIO_WORKER_THREADS still overrides.
     if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
@@ -265,7 +265,7 @@ fn serve(
             print_dev_banner(&socket);
         }
         let state_dir =
-            (!dev).then(|| config::resolve_state_dir(config.server.state_dir.as_deref()));
+            (!dev).then(|| paths::resolve_state_dir(config.server.state_dir.as_deref()));
         let config_path = (!dev).then(|| config.path.clone());
         match daemon::run(
             &config,
@@ -311,7 +311,7 @@ fn print_dev_banner(socket: &std::path::Path) {
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "keybroker".into());
-    let socket_arg = if config::resolve_client_socket(None) == socket {
+    let socket_arg = if paths::resolve_client_socket(None) == socket {
         String::new()
     } else {
         format!(" --socket {}", socket.display())
@@ -330,7 +330,7 @@ fn print_dev_banner(socket: &std::path::Path) {
 
 /// `keybroker sweep`: the start-up recovery, offline: revoke every key an earlier run left.
 fn sweep(config_flag: Option<std::path::PathBuf>) -> ExitCode {
-    let path = config::resolve_config_path(config_flag.as_deref());
+    let path = paths::resolve_config_path(config_flag.as_deref());
     let config = match config::load(&path) {
         Ok(c) => c,
         Err(e) => return fail_usage(&format!("config {e}")),
@@ -348,7 +348,7 @@ fn sweep(config_flag: Option<std::path::PathBuf>) -> ExitCode {
             Ok(p) => p,
             Err(e) => return fail_usage(&format!("config {}: {e}", config.path.display())),
         };
-        let dir = config::resolve_state_dir(config.server.state_dir.as_deref());
+        let dir = paths::resolve_state_dir(config.server.state_dir.as_deref());
         let state = match daemon::open_state(&dir) {
             Ok(s) => s,
             Err(e) => return fail(&e.to_string()),
