@@ -164,7 +164,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// An error in the shape the SDKs read from a container endpoint: `{"code", "message"}`.
-fn sdk_error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
+pub(super) fn sdk_error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
     let body = serde_json::json!({ "code": code, "message": message }).to_string() + "\n";
     json_response(status, Bytes::from(body))
 }
@@ -210,21 +210,7 @@ pub async fn handle<B>(
     let Some(slot) = app.broker.slot(profile) else {
         return unauthorized();
     };
-    match slot.get().await {
-        Ok(key) => json_response(StatusCode::OK, key.container_json.clone()),
-        Err(u) => {
-            let mut resp = sdk_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "ServiceUnavailable",
-                &u.message,
-            );
-            resp.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(u.retry_after.as_secs().max(1)),
-            );
-            resp
-        }
-    }
+    super::key_answer(&slot, super::Shape::Container).await
 }
 
 #[cfg(test)]

@@ -424,18 +424,43 @@ async fn credentials(app: &App, peer: Peer, profile: &str) -> Response<Body> {
     let Some(slot) = app.broker.slot(profile) else {
         return unknown_profile(profile);
     };
-    match slot.get().await {
-        Ok(key) => json_response(StatusCode::OK, key.process_json.clone()),
-        Err(u) => {
-            let mut resp =
-                error_response(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &u.message);
-            resp.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(u.retry_after.as_secs().max(1)),
-            );
-            resp
+    key_answer(&slot, Shape::Process).await
+}
+
+/// The JSON a listener serves keys and errors in.
+#[derive(Clone, Copy, Debug)]
+enum Shape {
+    /// The socket: `credential_process` JSON; errors `{"error": {"code", "message"}}`.
+    Process,
+    /// The container endpoint: the SDKs' container JSON; errors `{"code", "message"}`.
+    Container,
+}
+
+/// `slot`'s key in `shape`, once a mint under way (or started now) has one; else 503 with
+/// `Retry-After`, in the same shape. Both listeners answer with this.
+async fn key_answer(slot: &crate::broker::Slot, shape: Shape) -> Response<Body> {
+    let unavailable = match slot.get().await {
+        Ok(key) => {
+            let body = match shape {
+                Shape::Process => key.process_json.clone(),
+                Shape::Container => key.container_json.clone(),
+            };
+            return json_response(StatusCode::OK, body);
         }
-    }
+        Err(u) => u,
+    };
+    let status = StatusCode::SERVICE_UNAVAILABLE;
+    let mut resp = match shape {
+        Shape::Process => error_response(status, "unavailable", &unavailable.message),
+        Shape::Container => {
+            container::sdk_error(status, "ServiceUnavailable", &unavailable.message)
+        }
+    };
+    resp.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(unavailable.retry_after.as_secs().max(1)),
+    );
+    resp
 }
 
 /// `GET /readyz`: 200 `{"ready": true}` when every prewarmed profile has a key it would serve
