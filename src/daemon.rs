@@ -117,6 +117,7 @@ pub fn start(
         container,
         requests: Default::default(),
         limits: Arc::new(server::Limits::from_process()),
+        stopping: Default::default(),
     });
     let stop_server = CancellationToken::new();
     let drain = server::DRAIN_TIMEOUT.min(options.shutdown_timeout / 4);

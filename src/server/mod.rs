@@ -7,6 +7,7 @@ pub mod container;
 mod socket;
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -77,6 +78,8 @@ pub struct App {
     pub requests: crate::metrics::Requests,
     /// The open connections, counted against the open-file limit.
     pub limits: Arc<Limits>,
+    /// Set when the servers stop accepting: answers from then on close their connection.
+    pub stopping: AtomicBool,
 }
 
 impl App {
@@ -87,13 +90,23 @@ impl App {
         self.access.load().may_read(profile, peer).then_some(body)
     }
 
-    /// Counts an answer for `/metrics` and, given its `(method, path)` (only when debug logs
-    /// are on), logs it.
-    fn answered(&self, status: u16, route: Route, request: Option<(&str, &str)>) {
-        self.requests.record(status);
-        if let Some((method, path)) = request {
-            tracing::debug!(%method, path, status, ?route, "request");
+    /// Completes an answer to `method path`: the last one on its connection once the server
+    /// is stopping; counted for `/metrics`, and logged at debug level.
+    fn finish(
+        &self,
+        mut resp: Response<Body>,
+        route: Route,
+        method: &Method,
+        path: &str,
+    ) -> Response<Body> {
+        if self.stopping.load(Ordering::Relaxed) {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        let status = resp.status().as_u16();
+        self.requests.record(status);
+        tracing::debug!(%method, path, status, ?route, "request");
+        resp
     }
 }
 
@@ -587,7 +600,10 @@ async fn run(listener: Accepting, app: Arc<App>, stop: CancellationToken, drain:
     let mut open = tokio::task::JoinSet::new();
     loop {
         let (stream, route) = tokio::select! {
-            _ = stop.cancelled() => break,
+            _ = stop.cancelled() => {
+                app.stopping.store(true, Ordering::Relaxed);
+                break;
+            }
             Some(_) = open.join_next(), if !open.is_empty() => continue,
             accepted = listener.next() => match accepted {
                 Ok(Some(conn)) => conn,
@@ -635,8 +651,8 @@ async fn connection(
     route: Route,
     stop: CancellationToken,
 ) {
-    let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let conn = http.serve_connection(io, service(&app, route, &asked, &stop));
+    let asked = Arc::new(AtomicBool::new(false));
+    let conn = http.serve_connection(io, service(&app, route, &asked));
     tokio::pin!(conn);
     let ended = tokio::select! {
         ended = conn.as_mut() => Some(ended),
@@ -649,7 +665,7 @@ async fn connection(
             // is idle until its request has been read: one that has not been asked anything
             // yet gets a moment for its request to arrive, and is answered with
             // `Connection: close`.
-            if !asked.load(std::sync::atomic::Ordering::SeqCst) {
+            if !asked.load(Ordering::Relaxed) {
                 if let Ok(ended) = tokio::time::timeout(FIRST_REQUEST_AT_STOP, conn.as_mut()).await
                 {
                     if let Err(e) = ended {
@@ -667,12 +683,11 @@ async fn connection(
     }
 }
 
-/// hyper's service for a connection on `route`.
+/// hyper's service for a connection on `route`. `asked` is set at its first request.
 fn service(
     app: &Arc<App>,
     route: Route,
-    asked: &Arc<std::sync::atomic::AtomicBool>,
-    stop: &CancellationToken,
+    asked: &Arc<AtomicBool>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<Body>,
@@ -680,40 +695,31 @@ fn service(
     Future: Send + 'static,
 > + Send
        + 'static {
-    let (app, asked, stop) = (Arc::clone(app), Arc::clone(asked), stop.clone());
+    let (app, asked) = (Arc::clone(app), Arc::clone(asked));
     hyper::service::service_fn(move |req: Request<Incoming>| {
+        asked.store(true, Ordering::Relaxed);
+        // The hot path: a ready key, answered from its pre-rendered bytes with no future of
+        // its own.
+        if let Route::Socket(peer) = route {
+            if let Some(resp) = ready_answer(&app, peer, &req) {
+                let resp = app.finish(resp, route, req.method(), req.uri().path());
+                return Either::Left(std::future::ready(Ok(resp)));
+            }
+        }
+        // Everything else (a mint to wait for, the admin calls) is a large future: boxed, so
+        // that the future hyper keeps per connection stays small.
         let app = Arc::clone(&app);
-        asked.store(true, std::sync::atomic::Ordering::SeqCst);
-        let stopping = stop.clone();
-        async move {
-            // The socket's handler takes the request, so what the log line needs is kept
-            // first, and only when it will be written.
-            let logged = tracing::enabled!(tracing::Level::DEBUG)
-                .then(|| (req.method().clone(), req.uri().path().to_owned()));
-            // A ready key is answered without awaiting anything. Every other answer (a
-            // mint to wait for, the admin calls) is a large future: boxed, so that the
-            // future hyper keeps per connection, and moves per request, stays small.
+        Either::Right(Box::pin(async move {
+            // The socket's handler takes the request: what the log line needs is kept first.
+            let (method, path) = (req.method().clone(), req.uri().path().to_owned());
             let resp = match (route, &app.container) {
-                (Route::Socket(peer), _) => match ready_answer(&app, peer, &req) {
-                    Some(resp) => resp,
-                    None => Box::pin(handle(&app, peer, req)).await,
-                },
-                (Route::Container, Some(tokens)) => {
-                    Box::pin(container::handle(&app, tokens, &req)).await
-                }
+                (Route::Socket(peer), _) => handle(&app, peer, req).await,
+                (Route::Container, Some(tokens)) => container::handle(&app, tokens, &req).await,
                 (Route::Container, None) => {
                     unreachable!("the container listener exists only with its tokens")
                 }
             };
-            let mut resp = resp;
-            if stopping.is_cancelled() {
-                // The last answer on this connection: the server is stopping.
-                resp.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            let logged = logged.as_ref().map(|(m, p)| (m.as_str(), p.as_str()));
-            app.answered(resp.status().as_u16(), route, logged);
-            Ok::<_, Infallible>(resp)
-        }
+            Ok::<_, Infallible>(app.finish(resp, route, &method, &path))
+        }))
     })
 }
