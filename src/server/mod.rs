@@ -595,6 +595,7 @@ async fn run(listener: Accepting, app: Arc<App>, stop: CancellationToken, drain:
     http.timer(TokioTimer::new())
         .header_read_timeout(conn::HEADER_TIMEOUT)
         .max_buf_size(conn::MAX_BUFFER)
+        .writev(false)
         .keep_alive(true);
     let http = Arc::new(http);
     let mut open = tokio::task::JoinSet::new();
