@@ -598,14 +598,17 @@ async fn run(listener: Accepting, app: Arc<App>, stop: CancellationToken, drain:
         .writev(false)
         .keep_alive(true);
     let http = Arc::new(http);
-    let mut open = tokio::task::JoinSet::new();
+    let open = tokio_util::task::TaskTracker::new();
+    // Waited on across the loop: made once, not per connection.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         let (stream, route) = tokio::select! {
-            _ = stop.cancelled() => {
+            biased;
+            _ = &mut stopped => {
                 app.stopping.store(true, Ordering::Relaxed);
                 break;
             }
-            Some(_) = open.join_next(), if !open.is_empty() => continue,
             accepted = listener.next() => match accepted {
                 Ok(Some(conn)) => conn,
                 Ok(None) => continue,
@@ -633,14 +636,15 @@ async fn run(listener: Accepting, app: Arc<App>, stop: CancellationToken, drain:
             stop.clone(),
         ));
     }
-    let drained = async { while open.join_next().await.is_some() {} };
-    if tokio::time::timeout(drain, drained).await.is_err() {
+    open.close();
+    if tokio::time::timeout(drain, open.wait()).await.is_err() {
+        // What is left ends with its peer's next answer (`Connection: close`), or by the
+        // header and write timeouts, or with the process.
         tracing::warn!(
-            "connections still open after {}s; closing them",
+            "connections still open after {}s; no longer waiting for them",
             drain.as_secs()
         );
     }
-    // Dropping the set ends what is left.
 }
 
 /// Serves one connection until it ends or, once `stop` fires, until the request it is
