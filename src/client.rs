@@ -260,7 +260,7 @@ fn parse(buf: &[u8]) -> Result<Option<Answer>, String> {
     }))
 }
 
-/// Refuses a profile name that no config can hold (`[A-Za-z0-9_.-]`, DESIGN.md §3) before it
+/// Refuses a profile name that no config can hold (`[A-Za-z0-9_.-]`) before it
 /// goes into a request line.
 fn check_profile(profile: &str) -> Result<(), String> {
     if crate::paths::valid_profile_name(profile) {

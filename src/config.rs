@@ -1,5 +1,5 @@
 //! Configuration: TOML → [`RawConfig`] (serde, every value spanned) → [`Config`] (validated,
-//! defaults applied once, here). Every error carries `path:line:col` (DESIGN.md §3).
+//! defaults applied once, here). Every error carries `path:line:col`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,7 +19,7 @@ use crate::provider::ProviderKind;
 /// Requested key lifetime when the profile sets none.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
 /// The least lifetime a served key may have: boto3 and aws-cli re-run the helper on every call
-/// below 15 minutes left (`reference/clients.md` B.1), so 20 minutes leaves a margin.
+/// below 15 minutes left (README, "Why keys are served with at least 20 minutes left"), so 20 minutes leaves a margin.
 pub const DEFAULT_MIN_REMAINING: Duration = Duration::from_secs(20 * 60);
 /// `min_remaining` below this needs `allow_short_keys = true`.
 pub const SHORT_KEY_THRESHOLD: Duration = Duration::from_secs(16 * 60);
@@ -76,7 +76,7 @@ pub struct ServerConfig {
     pub state_dir: Option<PathBuf>,
     /// Revoke budget at stop.
     pub shutdown_timeout: Duration,
-    /// The loopback container-credentials endpoint's address, if enabled (DESIGN.md §4).
+    /// The loopback container-credentials endpoint's address, if enabled.
     pub container_listen: Option<SocketAddr>,
 }
 
@@ -563,7 +563,7 @@ fn profile_config(
     for group in raw.allow_groups.iter().flatten() {
         allow_gids.push(group_id(loc, group, "allow_groups")?);
     }
-    // Neither key set: the daemon's own user only (DESIGN.md §3). Set: exactly what they say,
+    // Neither key set: the daemon's own user only (README, "Who may read a profile"). Set: exactly what they say,
     // so `allow_uids = []` allows no one.
     let allow_uids = match (&raw.allow_uids, &raw.allow_groups) {
         (None, None) => vec![rustix::process::getuid().as_raw()],

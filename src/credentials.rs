@@ -1,6 +1,6 @@
 //! The secret-holding types and the two wire formats keys are served in.
 //!
-//! `credential_process` JSON follows `reference/clients.md` B.1: integer `Version` 1, both keys,
+//! `credential_process` JSON is what aws-cli and every SDK accept (README, "Clients"): integer `Version` 1, both keys,
 //! `SessionToken` only when the provider gives one, and `Expiration` always present as UTC with
 //! whole seconds and a literal `Z` (the one format every SDK's parser accepts).
 

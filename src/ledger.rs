@@ -1,5 +1,5 @@
 //! The ledger: a crash-safe journal of every key the broker ever asked for, so that no key
-//! outlives the process that minted it (DESIGN.md §6).
+//! outlives the process that minted it (README, "Never leak a key").
 //!
 //! `state_dir/ledger.jsonl`, mode 0600, one JSON record per line, appended and fsynced before
 //! the step it records is trusted: `intent` before a create (lease, profile, provider, tag),

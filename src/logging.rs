@@ -1,5 +1,5 @@
 //! Log setup: `RUST_LOG` filter (default `info`); text or JSON lines on stderr, or journald's
-//! native protocol when running under systemd (DESIGN.md §7).
+//! native protocol when running under systemd.
 //!
 //! Under systemd, stderr is a stream to journald and `$JOURNAL_STREAM` names it
 //! (`<device>:<inode>`). When it names our stderr, events go to journald directly instead, so

@@ -1,4 +1,4 @@
-//! CoreWeave AI Object Storage (`reference/providers.md` §1).
+//! CoreWeave AI Object Storage (https://docs.coreweave.com/products/storage/object-storage/reference/object-storage-api-ref; README, "Providers").
 //!
 //! Mint: `POST /v1/cwobject/access-key` with `durationSeconds` and an `attributes` tag; revoke:
 //! `POST /v1/cwobject/revoke-access-key/access-key` with the key id; the operator's panic
@@ -89,7 +89,7 @@ fn status_error(call: &str, resp: &HttpResponse) -> ProviderError {
 }
 
 /// A CoreWeave expiry, or `None` for the three "no expiry" forms: absent, the Unix epoch and
-/// Go's zero time (`reference/providers.md` §1, broker quirk 3).
+/// Go's zero time, which CoreWeave's API sends for a key that never expires.
 fn parse_expiry(raw: Option<&str>) -> Result<Option<OffsetDateTime>, ProviderError> {
     let Some(raw) = raw.filter(|s| !s.is_empty()) else {
         return Ok(None);
@@ -229,7 +229,7 @@ impl Provider for CoreWeave {
     }
 }
 
-/// The keys of a list answer. Its wrapper field is unconfirmed (`reference/providers.md` §1), so
+/// The keys of a list answer. Its wrapper field is unconfirmed (the README says what is assumed), so
 /// the first array-valued top-level field is taken; revoked and expired keys are skipped.
 fn listed(body: &serde_json::Value) -> Vec<ListedKey> {
     let items = body

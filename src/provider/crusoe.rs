@@ -1,4 +1,4 @@
-//! Crusoe Cloud object-storage keys (`reference/providers.md` §2).
+//! Crusoe Cloud object-storage keys (https://docs.crusoecloud.com/reference/api/; README, "Providers").
 //!
 //! Every call is signed with signature version 1.0: HMAC-SHA256, keyed by the unpadded URL-safe
 //! base64 decoding of the API secret, over `path \n canonical_query \n METHOD \n timestamp \n`
@@ -211,7 +211,7 @@ fn parse_time(s: Option<&str>) -> Option<OffsetDateTime> {
     OffsetDateTime::parse(s?, &Rfc3339).ok()
 }
 
-/// Crusoe's "never expires" sentinel (`reference/providers.md` §2, quirk 3).
+/// Crusoe's "never expires" sentinel.
 fn is_no_expiry(t: OffsetDateTime) -> bool {
     t.unix_timestamp() <= 0
 }
@@ -549,7 +549,7 @@ mod tests {
     use super::*;
 
     /// Vectors computed with Python's hmac, hashlib, base64 and urllib.parse from
-    /// `reference/providers.md` §2, not with this code. Secret: the unpadded URL-safe base64 of
+    /// Crusoe's published description of the signature, not with this code. Secret: the unpadded URL-safe base64 of
     /// `keybroker-test-secret-0123456789`.
     const SECRET: &str = "a2V5YnJva2VyLXRlc3Qtc2VjcmV0LTAxMjM0NTY3ODk";
 

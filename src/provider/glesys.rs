@@ -1,4 +1,4 @@
-//! GleSYS object-storage credentials (`reference/providers.md` §3).
+//! GleSYS object-storage credentials (https://github.com/glesys/api-docs/wiki/API-Introduction; README, "Providers").
 //!
 //! Basic auth (project, API key), JSON bodies, answers wrapped in `{"response": {"status":
 //! {...}, ...}}`. GleSYS credentials never expire by themselves: the broker's lease end is the

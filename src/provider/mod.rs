@@ -1,7 +1,7 @@
 //! Providers: the upstream APIs that mint and revoke object-storage keys.
 //!
 //! Each provider turns [`Provider::mint`] and [`Provider::revoke`] into its own HTTP calls
-//! (`reference/providers.md`) and maps every failure to a [`ProviderError`] whose variant tells
+//! (each file links the provider's API reference) and maps every failure to a [`ProviderError`] whose variant tells
 //! the broker whether and when a retry can help.
 
 pub mod coreweave;
@@ -22,11 +22,11 @@ use crate::credentials::Secret;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProviderKind {
-    /// CoreWeave AI Object Storage (`reference/providers.md` §1).
+    /// CoreWeave AI Object Storage.
     Coreweave,
-    /// Crusoe Cloud (`reference/providers.md` §2).
+    /// Crusoe Cloud.
     Crusoe,
-    /// GleSYS object storage (`reference/providers.md` §3).
+    /// GleSYS object storage.
     Glesys,
     /// The in-process development provider: random keys, real expiry, no cloud.
     Dev,
@@ -46,7 +46,7 @@ impl ProviderKind {
     /// The longest key lifetime the provider grants, if it has a limit.
     pub fn max_lifetime(self) -> Option<Duration> {
         match self {
-            // 43200 s per the CoreWeave how-to pages (reference/providers.md §1).
+            // 43200 s per CoreWeave's access-key how-to pages.
             ProviderKind::Coreweave => Some(Duration::from_secs(43_200)),
             ProviderKind::Dev => Some(Duration::from_secs(43_200)),
             ProviderKind::Crusoe | ProviderKind::Glesys => None,
@@ -250,7 +250,7 @@ pub trait Provider: Send + Sync + 'static {
     /// Revokes a key. A key the provider no longer knows counts as revoked.
     async fn revoke(&self, key: &KeyHandle) -> Result<(), ProviderError>;
 
-    /// Revokes every key of `principal`, the panic button (`reference/providers.md` §1). Only
+    /// Revokes every key of `principal`, the panic button (CoreWeave's `revoke-access-key/principal`). Only
     /// CoreWeave has such a call.
     async fn revoke_principal(&self, principal: &str) -> Result<(), ProviderError> {
         let _ = principal;
@@ -265,7 +265,7 @@ pub trait Provider: Send + Sync + 'static {
 const SKEW_WARNING: Duration = Duration::from_secs(30);
 
 /// The expiry to serve for a key requested at `sent_at` for `lifetime`: the shorter of the
-/// provider's own expiry and `sent_at + lifetime` measured on the local clock (DESIGN.md §5), so
+/// provider's own expiry and `sent_at + lifetime` measured on the local clock (README, "Behaviour over time"), so
 /// that a provider clock running fast can never make us promise more than the key has.
 pub fn resolve_expiry(
     provider_expiry: Option<OffsetDateTime>,

@@ -1,4 +1,4 @@
-//! Every config mistake of DESIGN.md §3 gives its own message with line and column, through
+//! Every config mistake gives its own message with line and column, through
 //! the real binary, and `serve` exits 64 before binding anything.
 
 use std::os::unix::fs::PermissionsExt;

@@ -1,5 +1,5 @@
 //! A fake cloud that speaks the three providers' object-storage key APIs
-//! (`reference/providers.md`) on one router, told apart by path:
+//! (as their public API references describe them) on one router, told apart by path:
 //! - CoreWeave `/v1/cwobject/...`: bearer token checked;
 //! - Crusoe `/v1alpha5/organizations/...`: v1.0 signatures verified (by this file's own
 //!   implementation, not the provider's), organizations, the two-keys-per-user limit, and
@@ -629,7 +629,7 @@ impl FakeCloud {
 
     // ---- Crusoe ----------------------------------------------------------------------------
 
-    /// Verifies signature version 1.0 as `reference/providers.md` §2 describes it.
+    /// Verifies signature version 1.0 as Crusoe's API reference describes it.
     fn crusoe_signature_ok(&self, req: &Request<Bytes>) -> bool {
         let Some(ts) = header(req, "x-crusoe-timestamp") else {
             return false;

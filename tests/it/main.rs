@@ -1,4 +1,4 @@
-//! keybroker's integration tests: one binary (STYLE.md 11), modules by subject.
+//! keybroker's integration tests: one binary (one link step for the whole suite), modules by subject.
 
 mod broker_time;
 mod config_errors;

@@ -1,4 +1,4 @@
-//! Never leak a key (DESIGN.md §6): the ledger, lost creates settled by tag, recovery after
+//! Never leak a key (README, "Never leak a key"): the ledger, lost creates settled by tag, recovery after
 //! kill -9, stop's leftovers finished by the next start, and `keybroker sweep`.
 
 use std::sync::Arc;
