@@ -14,7 +14,7 @@ use toml::Spanned;
 use crate::broker::RenewPolicy;
 use crate::credentials::Secret;
 use crate::paths::valid_profile_name;
-use crate::provider::ProviderKind;
+use crate::provider::{ProviderCredentials, ProviderKind};
 
 /// Requested key lifetime when the profile sets none.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
@@ -103,39 +103,6 @@ pub struct ProfileConfig {
     pub allow_uids: Vec<u32>,
     /// Peer gids allowed to read the profile.
     pub allow_gids: Vec<u32>,
-}
-
-/// Provider-specific settings and secrets.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ProviderCredentials {
-    /// CoreWeave: the API access token.
-    Coreweave {
-        /// Bearer token from `token_file`.
-        token: Secret,
-    },
-    /// Crusoe: the API key id and secret, and the organization if not discovered.
-    Crusoe {
-        /// The API key id (not secret).
-        access_key_id: String,
-        /// The API secret from `secret_key_file`.
-        secret: Secret,
-        /// `org_id`, or `None` to use the one organization the key sees.
-        org_id: Option<String>,
-    },
-    /// GleSYS: project, API key and object-storage instance.
-    Glesys {
-        /// The project id (`CL12345`), the Basic auth user.
-        project: String,
-        /// The API key from `api_key_file`.
-        api_key: Secret,
-        /// The object-storage instance (`os-ab123`).
-        instance_id: String,
-    },
-    /// The dev provider needs no secret; it can pretend to be slow.
-    Dev {
-        /// How long each mint takes (`mint_delay`, default 0): simulated provider latency.
-        mint_delay: Duration,
-    },
 }
 
 #[derive(Deserialize)]

@@ -280,8 +280,8 @@ pub fn profiles_from(config: &Config, clock: &Clock) -> Result<Vec<ProfileSpec>,
 
 /// One profile's provider and policy, ready for the broker.
 fn spec_from(p: &crate::config::ProfileConfig, clock: &Clock) -> Result<ProfileSpec, DaemonError> {
-    let provider =
-        crate::provider::from_config(p, clock).map_err(|source| DaemonError::Provider {
+    let provider = crate::provider::build(&p.credentials, &p.endpoint, p.ca_file.as_deref(), clock)
+        .map_err(|source| DaemonError::Provider {
             profile: p.name.clone(),
             source,
         })?;

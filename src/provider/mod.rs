@@ -311,19 +311,53 @@ pub fn brief(text: &str) -> String {
     }
 }
 
-/// Builds the provider a profile configures.
-pub fn from_config(
-    profile: &crate::config::ProfileConfig,
+/// Provider-specific settings and secrets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProviderCredentials {
+    /// CoreWeave: the API access token.
+    Coreweave {
+        /// Bearer token from `token_file`.
+        token: Secret,
+    },
+    /// Crusoe: the API key id and secret, and the organization if not discovered.
+    Crusoe {
+        /// The API key id (not secret).
+        access_key_id: String,
+        /// The API secret from `secret_key_file`.
+        secret: Secret,
+        /// `org_id`, or `None` to use the one organization the key sees.
+        org_id: Option<String>,
+    },
+    /// GleSYS: project, API key and object-storage instance.
+    Glesys {
+        /// The project id (`CL12345`), the Basic auth user.
+        project: String,
+        /// The API key from `api_key_file`.
+        api_key: Secret,
+        /// The object-storage instance (`os-ab123`).
+        instance_id: String,
+    },
+    /// The dev provider needs no secret; it can pretend to be slow.
+    Dev {
+        /// How long each mint takes (`mint_delay`, default 0): simulated provider latency.
+        mint_delay: Duration,
+    },
+}
+
+/// Builds the provider for `credentials` at `endpoint`, trusting `ca_file` (else the system's
+/// roots) for HTTPS.
+pub fn build(
+    credentials: &ProviderCredentials,
+    endpoint: &str,
+    ca_file: Option<&std::path::Path>,
     clock: &Clock,
 ) -> Result<std::sync::Arc<dyn Provider>, http::TlsSetupError> {
-    use crate::config::ProviderCredentials;
-    Ok(match &profile.credentials {
+    Ok(match credentials {
         ProviderCredentials::Coreweave { token } => {
-            let client =
-                http::HttpClient::new(profile.ca_file.as_deref(), http::DEFAULT_CALL_TIMEOUT)?;
+            let client = http::HttpClient::new(ca_file, http::DEFAULT_CALL_TIMEOUT)?;
             std::sync::Arc::new(coreweave::CoreWeave::new(
                 client,
-                &profile.endpoint,
+                endpoint,
                 token.clone(),
                 clock.clone(),
             ))
@@ -333,11 +367,10 @@ pub fn from_config(
             secret,
             org_id,
         } => {
-            let client =
-                http::HttpClient::new(profile.ca_file.as_deref(), http::DEFAULT_CALL_TIMEOUT)?;
+            let client = http::HttpClient::new(ca_file, http::DEFAULT_CALL_TIMEOUT)?;
             std::sync::Arc::new(crusoe::Crusoe::new(
                 client,
-                &profile.endpoint,
+                endpoint,
                 access_key_id,
                 secret.clone(),
                 org_id.clone(),
@@ -349,11 +382,10 @@ pub fn from_config(
             api_key,
             instance_id,
         } => {
-            let client =
-                http::HttpClient::new(profile.ca_file.as_deref(), http::DEFAULT_CALL_TIMEOUT)?;
+            let client = http::HttpClient::new(ca_file, http::DEFAULT_CALL_TIMEOUT)?;
             std::sync::Arc::new(glesys::Glesys::new(
                 client,
-                &profile.endpoint,
+                endpoint,
                 project,
                 api_key.clone(),
                 instance_id,
