@@ -114,18 +114,11 @@ fn timed_out(socket: &Path, timeout: Duration) -> String {
     )
 }
 
-/// [`request`], telling a timeout apart.
-fn exchange(
-    socket: &Path,
-    method: &str,
-    path: &str,
-    body: Option<&[u8]>,
-    timeout: Duration,
-) -> Result<Answer, Failure> {
-    // A timeout too long for the clock to add never ends: each wait gets all of it.
-    let deadline = Instant::now().checked_add(timeout);
+/// Connects to the daemon at `socket` and checks who serves it: nothing is sent to a server
+/// that may have been planted.
+fn connect(socket: &Path) -> Result<UnixStream, String> {
     let shown = socket.display();
-    let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
+    let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => format!(
             "no keybroker socket at {shown}: start the daemon (keybroker serve, or systemctl start keybroker), or point --socket or KEYBROKER_SOCKET at its socket"
         ),
@@ -137,8 +130,22 @@ fn exchange(
         ),
         _ => format!("cannot connect to the keybroker daemon at {shown}: {e}"),
     })?;
-    // Nothing is sent to a server that may have been planted.
     trust::check(&stream, socket)?;
+    Ok(stream)
+}
+
+/// [`request`], telling a timeout apart.
+fn exchange(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<Answer, Failure> {
+    // A timeout too long for the clock to add never ends: each wait gets all of it.
+    let deadline = Instant::now().checked_add(timeout);
+    let shown = socket.display();
+    let mut stream = connect(socket)?;
     let remaining = || match deadline {
         Some(deadline) => deadline
             .checked_duration_since(Instant::now())

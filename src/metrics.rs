@@ -231,13 +231,23 @@ pub fn render(
     ledger_backlog: Option<usize>,
 ) -> String {
     let mut out = String::with_capacity(4096);
-    let labels = |p: &ProfileSample<'_>| {
-        format!(
-            "profile=\"{}\",provider=\"{}\"",
-            escape(p.profile),
-            p.provider
-        )
-    };
+    render_profiles(&mut out, profiles);
+    render_upstream(&mut out, profiles);
+    render_server(&mut out, requests, connections, ledger_backlog);
+    out
+}
+
+/// A profile's labels.
+fn labels(p: &ProfileSample<'_>) -> String {
+    format!(
+        "profile=\"{}\",provider=\"{}\"",
+        escape(p.profile),
+        p.provider
+    )
+}
+
+/// Each profile's counters, gauges and state.
+fn render_profiles(out: &mut String, profiles: &[ProfileSample<'_>]) {
     type Pick = fn(&ProfileValues) -> u64;
     let per_profile: [(&str, &str, &str, Pick); 10] = [
         (
@@ -299,13 +309,13 @@ pub fn render(
         ),
     ];
     for (name, help, kind, pick) in per_profile {
-        header(&mut out, name, help, kind);
+        header(out, name, help, kind);
         for p in profiles {
             let _ = writeln!(out, "{name}{{{}}} {}", labels(p), pick(&p.values));
         }
     }
     header(
-        &mut out,
+        out,
         "keybroker_profile_state",
         "1 for the state the profile is in, 0 for the others.",
         "gauge",
@@ -320,10 +330,13 @@ pub fn render(
             );
         }
     }
+}
 
+/// Each profile's provider calls: latency histograms and errors, by operation.
+fn render_upstream(out: &mut String, profiles: &[ProfileSample<'_>]) {
     let name = "keybroker_upstream_request_duration_seconds";
     header(
-        &mut out,
+        out,
         name,
         "Provider API calls by operation, successful or not.",
         "histogram",
@@ -345,7 +358,7 @@ pub fn render(
         }
     }
     header(
-        &mut out,
+        out,
         "keybroker_upstream_errors_total",
         "Provider API calls that failed, by operation.",
         "counter",
@@ -361,9 +374,17 @@ pub fn render(
             );
         }
     }
+}
 
+/// The server's answers and connections, and the ledger's open leases.
+fn render_server(
+    out: &mut String,
+    requests: &Requests,
+    connections: Connections,
+    ledger_backlog: Option<usize>,
+) {
     header(
-        &mut out,
+        out,
         "keybroker_http_responses_total",
         "Answers on the socket and the container endpoint, by HTTP status.",
         "counter",
@@ -398,19 +419,18 @@ pub fn render(
             connections.refused,
         ),
     ] {
-        header(&mut out, name, help, kind);
+        header(out, name, help, kind);
         let _ = writeln!(out, "{name} {value}");
     }
     if let Some(backlog) = ledger_backlog {
         header(
-            &mut out,
+            out,
             "keybroker_ledger_backlog",
             "Leases in the ledger not yet closed by a revocation: keys alive, and creates whose outcome is not known yet. A restart revokes them all.",
             "gauge",
         );
         let _ = writeln!(out, "keybroker_ledger_backlog {backlog}");
     }
-    out
 }
 
 /// The server's connections, counted.

@@ -2,8 +2,10 @@
 //! per listener. Peer credentials (SO_PEERCRED) are read at accept, each connection is counted
 //! and bounded ([`conn`]), and access is checked per profile before anything is served.
 
+mod admin;
 mod conn;
 pub mod container;
+mod report;
 mod socket;
 
 use std::convert::Infallible;
@@ -22,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use container::ContainerTokens;
 
+pub use admin::ADMIN_WAIT;
 pub use conn::Limits;
 pub use socket::{bind_socket, BindError, BoundSocket};
 
@@ -198,13 +201,6 @@ pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response
     json_response(status, Bytes::from(text))
 }
 
-/// How long an admin call waits for the provider (a rotation's mint, a revocation) before
-/// answering; what is under way goes on in the background.
-pub const ADMIN_WAIT: Duration = Duration::from_secs(30);
-
-/// The largest request body read (the admin calls' JSON).
-const MAX_BODY: usize = 4096;
-
 /// Answers one request from `peer`.
 pub async fn handle(app: &App, peer: Peer, req: Request<Incoming>) -> Response<Body> {
     let method = req.method();
@@ -215,7 +211,7 @@ pub async fn handle(app: &App, peer: Peer, req: Request<Incoming>) -> Response<B
             return not_allowed(method, "POST");
         }
         let action = action.to_string();
-        return admin(app, peer, &action, req).await;
+        return admin::admin(app, peer, &action, req).await;
     }
     if !readable {
         return not_allowed(method, "GET, HEAD");
@@ -230,18 +226,18 @@ pub async fn handle(app: &App, peer: Peer, req: Request<Incoming>) -> Response<B
                 .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
             resp
         }
-        "/readyz" => readiness(app),
+        "/readyz" => report::readiness(app),
         "/v1/status" => {
             if !app.access.load().is_admin(peer) {
                 return forbidden(peer, "status is for root and the daemon's user");
             }
-            json_response(StatusCode::OK, status_body(app))
+            json_response(StatusCode::OK, report::status_body(app))
         }
         "/metrics" => {
             if !app.access.load().is_admin(peer) {
                 return forbidden(peer, "metrics are for root and the daemon's user");
             }
-            let mut resp = Response::new(Full::new(Bytes::from(metrics_body(app))));
+            let mut resp = Response::new(Full::new(Bytes::from(report::metrics_body(app))));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -267,128 +263,6 @@ fn not_allowed(method: &Method, allow: &'static str) -> Response<Body> {
     resp.headers_mut()
         .insert(header::ALLOW, HeaderValue::from_static(allow));
     resp
-}
-
-/// `POST /v1/admin/{rotate,revoke,revoke-principal}/{profile}`: root and the daemon's user only.
-async fn admin(app: &App, peer: Peer, action: &str, req: Request<Incoming>) -> Response<Body> {
-    if !app.access.load().is_admin(peer) {
-        return forbidden(peer, "admin calls are for root and the daemon's user");
-    }
-    let Some((action, profile)) = action.split_once('/') else {
-        return error_response(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "admin calls are POST /v1/admin/{rotate,revoke,revoke-principal}/PROFILE",
-        );
-    };
-    let Some(slot) = app.broker.slot(profile) else {
-        return unknown_profile(profile);
-    };
-    let upstream_failed =
-        |message: &str| error_response(StatusCode::BAD_GATEWAY, "upstream_failed", message);
-    match action {
-        "rotate" => match slot.rotate(ADMIN_WAIT).await {
-            Ok(rotated) => {
-                let mut body = serde_json::json!({ "profile": profile });
-                body.as_object_mut().expect("an object").extend(
-                    serde_json::to_value(&rotated)
-                        .expect("serializes")
-                        .as_object()
-                        .cloned()
-                        .unwrap_or_default(),
-                );
-                json_ok(&body)
-            }
-            Err(message) => upstream_failed(&message),
-        },
-        "revoke" => revoked_answer(profile, None, slot.revoke_all(ADMIN_WAIT).await),
-        "revoke-principal" => {
-            if slot.provider().kind() != crate::provider::ProviderKind::Coreweave {
-                return error_response(
-                    StatusCode::BAD_REQUEST,
-                    "not_supported",
-                    &format!(
-                        "profile {profile} uses {}, which has no call that revokes a principal's keys; only coreweave does. keybroker revoke {profile} revokes the keys keybroker minted",
-                        slot.provider().kind()
-                    ),
-                );
-            }
-            let principal = match read_principal(req).await {
-                Ok(p) => p,
-                Err(message) => {
-                    return error_response(StatusCode::BAD_REQUEST, "bad_request", &message)
-                }
-            };
-            tracing::warn!(profile, principal = %principal, "an operator is revoking every key of a principal");
-            let call =
-                tokio::time::timeout(ADMIN_WAIT, slot.provider().revoke_principal(&principal))
-                    .await;
-            match call {
-                Ok(Ok(())) => {
-                    tracing::warn!(profile, principal = %principal, "revoked every key of the principal");
-                    // Its keys may be among them: drop and hold them too, until a rotate.
-                    revoked_answer(profile, Some(&principal), slot.revoke_all(ADMIN_WAIT).await)
-                }
-                Ok(Err(e)) => upstream_failed(&format!(
-                    "revoking the keys of principal {principal} failed: {e}"
-                )),
-                Err(_) => upstream_failed(&format!(
-                    "the CoreWeave API did not answer within {}s; the keys of principal {principal} may or may not be revoked: run the command again",
-                    ADMIN_WAIT.as_secs()
-                )),
-            }
-        }
-        _ => error_response(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            &format!("no admin call {action:?}; there are rotate, revoke and revoke-principal"),
-        ),
-    }
-}
-
-/// The `{"principal": "..."}` of a revoke-principal call.
-async fn read_principal(req: Request<Incoming>) -> Result<String, String> {
-    use http_body_util::BodyExt;
-    let body = http_body_util::Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| format!("reading the request body: {e}"))?
-        .to_bytes();
-    let value: serde_json::Value = serde_json::from_slice(&body)
-        .map_err(|e| format!("the body must be JSON {{\"principal\": \"...\"}}: {e}"))?;
-    match value["principal"].as_str().map(str::trim) {
-        Some(p) if !p.is_empty() => Ok(p.to_string()),
-        _ => Err("the body must name the principal: {\"principal\": \"coreweave/...\"}".into()),
-    }
-}
-
-/// The answer to a revoke: 200 when every key is gone, else 502 naming the ones that are not.
-fn revoked_answer(
-    profile: &str,
-    principal: Option<&str>,
-    outcome: crate::broker::RevokedKeys,
-) -> Response<Body> {
-    if outcome.failed.is_empty() {
-        let mut body = serde_json::json!({ "profile": profile, "revoked": outcome.revoked });
-        if let Some(p) = principal {
-            body["principal"] = p.into();
-        }
-        return json_ok(&body);
-    }
-    let failed: Vec<String> = outcome
-        .failed
-        .iter()
-        .map(|(id, why)| format!("{id} ({why})"))
-        .collect();
-    error_response(
-        StatusCode::BAD_GATEWAY,
-        "revoke_failed",
-        &format!(
-            "profile {profile}: revoked {} key(s); could not revoke {}; keybroker keeps retrying in the background, and the profile serves no key until keybroker rotate {profile}",
-            outcome.revoked.len(),
-            failed.join(", ")
-        ),
-    )
 }
 
 fn json_ok(body: &serde_json::Value) -> Response<Body> {
@@ -474,100 +348,6 @@ async fn key_answer(slot: &crate::broker::Slot, shape: Shape) -> Response<Body> 
         HeaderValue::from(unavailable.retry_after.as_secs().max(1)),
     );
     resp
-}
-
-/// `GET /readyz`: 200 `{"ready": true}` when every prewarmed profile has a key it would serve
-/// now, else 503 naming those that have none and why. For any peer that can connect: it tells
-/// profile names and states, never a key id.
-fn readiness(app: &App) -> Response<Body> {
-    let not_ready = app.broker.not_ready();
-    if not_ready.is_empty() {
-        return json_ok(&serde_json::json!({ "ready": true }));
-    }
-    let profiles: Vec<serde_json::Value> = not_ready
-        .into_iter()
-        .map(|p| {
-            let reason = p.reason.unwrap_or_else(|| match p.state {
-                "cold" => "no key to serve: no mint has started yet".to_string(),
-                "minting" => "no key to serve yet: a mint is under way".to_string(),
-                "revoked" => format!(
-                    "an operator revoked its keys; `keybroker rotate {}` mints a new one",
-                    p.profile
-                ),
-                "stopped" => "keybroker is stopping".to_string(),
-                _ => "no key it may serve".to_string(),
-            });
-            serde_json::json!({ "profile": p.profile, "state": p.state, "reason": reason })
-        })
-        .collect();
-    let body = serde_json::json!({ "ready": false, "profiles": profiles });
-    json_response(
-        StatusCode::SERVICE_UNAVAILABLE,
-        Bytes::from(body.to_string() + "\n"),
-    )
-}
-
-fn metrics_body(app: &App) -> String {
-    let slots = app.broker.slots();
-    let statuses: Vec<_> = slots.iter().map(|(_, slot)| slot.status()).collect();
-    let samples: Vec<_> = slots
-        .iter()
-        .zip(&statuses)
-        .map(|((name, slot), status)| crate::metrics::ProfileSample {
-            profile: name,
-            provider: slot.provider().kind(),
-            values: status.into(),
-            upstream: slot.upstream(),
-        })
-        .collect();
-    crate::metrics::render(
-        &samples,
-        &app.requests,
-        app.limits.snapshot(),
-        app.broker.ledger_backlog(),
-    )
-}
-
-/// A profile's status, in the numbers `/metrics` shows.
-impl From<&crate::broker::SlotStatus> for crate::metrics::ProfileValues {
-    fn from(status: &crate::broker::SlotStatus) -> Self {
-        let c = &status.counters;
-        crate::metrics::ProfileValues {
-            mints: c.mints,
-            renewals: c.renewals,
-            revokes: c.revokes,
-            mint_failures: c.mint_failures,
-            revoke_failures: c.revoke_failures,
-            degraded_serves: c.degraded_serves,
-            key_remaining_seconds: status.expires_in_seconds.unwrap_or(0).max(0) as u64,
-            retired_keys: status.retired_keys as u64,
-            failing_revokes: status.failing_revokes.len() as u64,
-            unsettled_creates: status.unsettled_creates.len() as u64,
-            state: status.state,
-        }
-    }
-}
-
-fn status_body(app: &App) -> Bytes {
-    let profiles: Vec<serde_json::Value> = app
-        .broker
-        .status()
-        .into_iter()
-        .map(|(name, provider, status)| {
-            let mut v = serde_json::to_value(&status).expect("status serializes");
-            if let Some(file) = app.container.as_ref().and_then(|t| t.file(&name)) {
-                v["container_token_file"] = file.display().to_string().into();
-            }
-            v["name"] = name.into();
-            v["provider"] = provider.as_str().into();
-            v
-        })
-        .collect();
-    let body = serde_json::json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "profiles": profiles,
-    });
-    Bytes::from(body.to_string() + "\n")
 }
 
 /// How long a stopping server waits for the first request of a connection it has just accepted.
