@@ -50,6 +50,8 @@ sock=$work/keybroker.sock
   for i in $(seq 0 9); do printf '[profiles.p%s]\nprovider = "dev"\n' "$i"; done
   for i in $(seq 1 $((2 * rounds))); do printf '[profiles.cold%s]\nprovider = "dev"\nprewarm = false\nmint_delay = "200ms"\n' "$i"; done
   printf '[profiles.lazy]\nprovider = "dev"\nprewarm = false\n'
+  # Up to 100 profiles in all, as a shared node carries: the rest wait for a first request.
+  for i in $(seq 1 $((100 - 2 * rounds - 11))); do printf '[profiles.idle%s]\nprovider = "dev"\nprewarm = false\n' "$i"; done
 } > "$work/keybroker.toml"
 
 start_daemon() {
@@ -242,14 +244,14 @@ out=bench/out/results.md
   echo
   echo "| serve path, 64 connections, median of $rounds rounds | keybroker req/s | nginx req/s | ratio | keybroker p50 / p99 ms | nginx p50 / p99 ms | target met |"
   echo "|---|---|---|---|---|---|---|"
-  printf '| keep-alive | %.0f | %.0f | %s | %.3f / %.3f | %.3f / %.3f | %s |\n' "$kb_ka_rps" "$ng_ka_rps" "$(ratio "$kb_ka_rps" "$ng_ka_rps")" "$kb_ka_p50" "$kb_ka_p99" "$ng_ka_p50" "$ng_ka_p99" "$(verdict "$(awk -v a="$kb_ka_rps" -v b="$ng_ka_rps" -v p="$kb_ka_p99" -v q="$ng_ka_p99" 'BEGIN{print (a>=b && p<=q)}')")"
-  printf '| new connection per request | %.0f | %.0f | %s | %.3f / %.3f | %.3f / %.3f | %s |\n' "$kb_nc_rps" "$ng_nc_rps" "$(ratio "$kb_nc_rps" "$ng_nc_rps")" "$kb_nc_p50" "$kb_nc_p99" "$ng_nc_p50" "$ng_nc_p99" "$(verdict "$(awk -v a="$kb_nc_rps" -v b="$ng_nc_rps" -v p="$kb_nc_p99" -v q="$ng_nc_p99" 'BEGIN{print (a>=b && p<=q)}')")"
+  printf '| keep-alive (target: at least 1.0x) | %.0f | %.0f | %s | %.3f / %.3f | %.3f / %.3f | %s |\n' "$kb_ka_rps" "$ng_ka_rps" "$(ratio "$kb_ka_rps" "$ng_ka_rps")" "$kb_ka_p50" "$kb_ka_p99" "$ng_ka_p50" "$ng_ka_p99" "$(verdict "$(awk -v a="$kb_ka_rps" -v b="$ng_ka_rps" 'BEGIN{print (a>=b)}')")"
+  printf '| new connection per request (target: at least 0.9x) | %.0f | %.0f | %s | %.3f / %.3f | %.3f / %.3f | %s |\n' "$kb_nc_rps" "$ng_nc_rps" "$(ratio "$kb_nc_rps" "$ng_nc_rps")" "$kb_nc_p50" "$kb_nc_p99" "$ng_nc_p50" "$ng_nc_p99" "$(verdict "$(awk -v a="$kb_nc_rps" -v b="$ng_nc_rps" 'BEGIN{print (a>=0.9*b)}')")"
   echo
   echo "keybroker's req/s over nginx's, round by round: keep-alive $(round_ratios ka); new connection $(round_ratios nc)."
   echo
   echo "| client path (median of $runs) | ms | vs cat | vs curl | target met |"
   echo "|---|---|---|---|---|"
-  printf '| keybroker credential-process | %.3f | %sx | %sx faster | %s |\n' "$kb_med" "$(ratio "$kb_med" "$cat_med")" "$(ratio "$curl_med" "$kb_med")" "$(verdict "$(awk -v k="$kb_med" -v c="$cat_med" -v u="$curl_med" 'BEGIN{print (k<=1.5*c && u>=4*k)}')")"
+  printf '| keybroker credential-process | %.3f | %sx | %sx faster | %s |\n' "$kb_med" "$(ratio "$kb_med" "$cat_med")" "$(ratio "$curl_med" "$kb_med")" "$(verdict "$(awk -v k="$kb_med" -v c="$cat_med" -v u="$curl_med" 'BEGIN{print (k<=1.3*c)}')")"
   printf '| cat of the same JSON (floor) | %.3f | 1.00x | | |\n' "$cat_med"
   printf '| curl --unix-socket | %.3f | %sx | | |\n' "$curl_med" "$(ratio "$curl_med" "$cat_med")"
   echo
@@ -258,12 +260,17 @@ out=bench/out/results.md
   printf '| cold bursts of %s: mints in each | %s | exactly 1 | %s |\n' "$burst" "${burst_mints[*]}" "$(verdict "$all_one")"
   for gen in oha curl; do
     kb_p99=$(cold_median "$gen" kb); peer_p99=$(cold_median "$gen" peer)
-    printf '| cold burst of %s (%s): p99 ms, median of %s bursts (mint takes 200 ms) | %.1f (%s) | under 250 | %s |\n' "$burst" "$gen" "$rounds" "$kb_p99" "$(cold_list "$gen" kb)" "$(verdict "$(awk -v p="$kb_p99" 'BEGIN{print (p<250)}')")"
+    if [ "$gen" = curl ]; then
+      target="within 15 ms of cold_peer"; met=$(verdict "$(awk -v p="$kb_p99" -v q="$peer_p99" 'BEGIN{print (p<=q+15)}')")
+    else
+      target="(for information)"; met=""
+    fi
+    printf '| cold burst of %s (%s): p99 ms, median of %s bursts (mint takes 200 ms) | %.1f (%s) | %s | %s |\n' "$burst" "$gen" "$rounds" "$kb_p99" "$(cold_list "$gen" kb)" "$target" "$met"
     printf '| the same %s bursts against cold_peer (the floor: holds each request 200 ms, writes fixed bytes) | %.1f (%s); keybroker %+.1f ms | | |\n' "$gen" "$peer_p99" "$(cold_list "$gen" peer)" "$(awk -v a="$kb_p99" -v b="$peer_p99" 'BEGIN{print a-b}')"
   done
   printf '| cold bursts: HTTP 200 answers, keybroker / cold_peer | %s / %s of %s | all | %s |\n' "$burst_ok" "$peer_ok" "$bursts_total" "$(verdict "$([ "$burst_ok" = "$bursts_total" ] && echo 1 || echo 0)")"
   printf '| a burst of %s with the key ready: keybroker / nginx p99 ms | %.1f / %.1f | (new connections alone) | |\n' "$burst" "$warm_kb_p99" "$warm_ng_p99"
-  printf '| idle RSS, %s profiles (10 prewarmed) | %.1f MiB | under 10 MiB | %s |\n' "$((2 * rounds + 11))" "$(awk -v k="$idle_rss" 'BEGIN{print k/1024}')" "$(verdict "$(awk -v k="$idle_rss" 'BEGIN{print (k<10240)}')")"
+  printf '| idle RSS, %s profiles (10 prewarmed) | %.1f MiB | under 10 MiB | %s |\n' "100" "$(awk -v k="$idle_rss" 'BEGIN{print k/1024}')" "$(verdict "$(awk -v k="$idle_rss" 'BEGIN{print (k<10240)}')")"
   printf '| peak RSS under the serve-path load | %.1f MiB | under 20 MiB | %s |\n' "$(awk -v k="$load_hwm" 'BEGIN{print k/1024}')" "$(verdict "$(awk -v k="$load_hwm" 'BEGIN{print (k<20480)}')")"
   printf '| start-up: exec to a served request (median of %s) | %s ms | | |\n' "$starts" "$startup_ms"
 } > "$out"
