@@ -1,10 +1,15 @@
 //! Configuration: TOML → [`RawConfig`] (serde, every value spanned) → [`Config`] (validated,
 //! defaults applied once, here). Every error carries `path:line:col`.
+//!
+//! This module holds the types, the file as a whole and `[server]`; `profile` validates one
+//! `[profiles.NAME]` table, and `secret` reads the secret files a profile names.
+
+mod profile;
+mod secret;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -12,8 +17,6 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::broker::RenewPolicy;
-use crate::credentials::Secret;
-use crate::paths::valid_profile_name;
 use crate::provider::{ProviderCredentials, ProviderKind};
 
 /// Requested key lifetime when the profile sets none.
@@ -184,10 +187,15 @@ impl Located<'_> {
             )
         })
     }
-}
 
-fn show(d: Duration) -> humantime::FormattedDuration {
-    humantime::format_duration(d)
+    /// `path` as written, or relative to the config file's directory when it is relative.
+    fn beside_config(&self, path: PathBuf) -> PathBuf {
+        if path.is_relative() {
+            self.path.parent().unwrap_or(Path::new(".")).join(path)
+        } else {
+            path
+        }
+    }
 }
 
 /// Reads and validates the config file at `path`.
@@ -230,7 +238,7 @@ pub fn parse(src: &str, path: &Path) -> Result<Config, ConfigError> {
     let mut crusoe_keys = Vec::new();
     for (name, profile) in raw.profiles {
         let key_span = profile.get_ref().access_key_id.as_ref().map(Spanned::span);
-        let config = profile_config(&loc, &name, profile)?;
+        let config = profile::profile_config(&loc, &name, profile)?;
         if let (ProviderCredentials::Crusoe { access_key_id, .. }, Some(span)) =
             (&config.credentials, key_span)
         {
@@ -338,421 +346,6 @@ fn server_config(loc: &Located<'_>, raw: Option<RawServer>) -> Result<ServerConf
     Ok(server)
 }
 
-/// A provider-specific key: its name, where it was set, and the providers it belongs to.
-type ForeignKey = (&'static str, Option<Range<usize>>, &'static [ProviderKind]);
-
-fn profile_config(
-    loc: &Located<'_>,
-    name: &Spanned<String>,
-    profile: Spanned<RawProfile>,
-) -> Result<ProfileConfig, ConfigError> {
-    if !valid_profile_name(name.get_ref()) {
-        return Err(loc.at(
-            name.span(),
-            format!(
-                "profile name {:?} may contain only letters, digits, '_', '.' and '-'",
-                name.get_ref()
-            ),
-        ));
-    }
-    let table_span = profile.span();
-    let raw = profile.into_inner();
-    let name = name.get_ref().clone();
-    let provider = *raw.provider.get_ref();
-    let in_profile = |what: String| format!("profile {name}: {what}");
-
-    // Keys that belong to other providers are mistakes, not silently ignored settings.
-    let foreign: [ForeignKey; 7] = [
-        (
-            "token_file",
-            raw.token_file.as_ref().map(Spanned::span),
-            &[ProviderKind::Coreweave],
-        ),
-        (
-            "access_key_id",
-            raw.access_key_id.as_ref().map(Spanned::span),
-            &[ProviderKind::Crusoe],
-        ),
-        (
-            "secret_key_file",
-            raw.secret_key_file.as_ref().map(Spanned::span),
-            &[ProviderKind::Crusoe],
-        ),
-        (
-            "org_id",
-            raw.org_id.as_ref().map(Spanned::span),
-            &[ProviderKind::Crusoe],
-        ),
-        (
-            "project",
-            raw.project.as_ref().map(Spanned::span),
-            &[ProviderKind::Glesys],
-        ),
-        (
-            "api_key_file",
-            raw.api_key_file.as_ref().map(Spanned::span),
-            &[ProviderKind::Glesys],
-        ),
-        (
-            "instance_id",
-            raw.instance_id.as_ref().map(Spanned::span),
-            &[ProviderKind::Glesys],
-        ),
-    ];
-    for (key, span, owners) in foreign {
-        if let Some(span) = span {
-            if !owners.contains(&provider) {
-                return Err(loc.at(
-                    span,
-                    in_profile(format!("{key} does not apply to provider {provider}")),
-                ));
-            }
-        }
-    }
-    if let (Some(v), false) = (&raw.mint_delay, provider == ProviderKind::Dev) {
-        return Err(loc.at(
-            v.span(),
-            in_profile(format!(
-                "mint_delay applies only to provider dev, not {provider}"
-            )),
-        ));
-    }
-    if provider == ProviderKind::Dev {
-        for (key, span) in [
-            ("endpoint", raw.endpoint.as_ref().map(Spanned::span)),
-            ("ca_file", raw.ca_file.as_ref().map(Spanned::span)),
-        ] {
-            if let Some(span) = span {
-                return Err(loc.at(
-                    span,
-                    in_profile(format!("{key} does not apply to provider dev")),
-                ));
-            }
-        }
-    }
-
-    let credentials = match provider {
-        ProviderKind::Coreweave => {
-            let Some(file) = &raw.token_file else {
-                return Err(loc.at(
-                    table_span,
-                    in_profile(
-                        "provider coreweave needs token_file (the CoreWeave API access token)"
-                            .into(),
-                    ),
-                ));
-            };
-            ProviderCredentials::Coreweave {
-                token: read_secret(loc, file, "token_file")?,
-            }
-        }
-        ProviderKind::Dev => ProviderCredentials::Dev {
-            mint_delay: match &raw.mint_delay {
-                Some(v) => loc.duration(v, "mint_delay")?,
-                None => Duration::ZERO,
-            },
-        },
-        ProviderKind::Crusoe => {
-            let need = |key: &str| {
-                loc.at(
-                    table_span.clone(),
-                    in_profile(format!("provider crusoe needs {key}")),
-                )
-            };
-            let access_key_id = raw
-                .access_key_id
-                .as_ref()
-                .ok_or_else(|| need("access_key_id (the Crusoe API key id)"))?;
-            let file = raw
-                .secret_key_file
-                .as_ref()
-                .ok_or_else(|| need("secret_key_file (the Crusoe API secret)"))?;
-            let secret = read_secret(loc, file, "secret_key_file")?;
-            crate::provider::crusoe::check_secret(&secret)
-                .map_err(|e| loc.at(file.span(), in_profile(format!("secret_key_file: {e}"))))?;
-            ProviderCredentials::Crusoe {
-                access_key_id: access_key_id.get_ref().clone(),
-                secret,
-                org_id: raw.org_id.as_ref().map(|o| o.get_ref().clone()),
-            }
-        }
-        ProviderKind::Glesys => {
-            let need = |key: &str| {
-                loc.at(
-                    table_span.clone(),
-                    in_profile(format!("provider glesys needs {key}")),
-                )
-            };
-            let project = raw
-                .project
-                .as_ref()
-                .ok_or_else(|| need("project (the project id, like \"CL12345\")"))?;
-            let file = raw
-                .api_key_file
-                .as_ref()
-                .ok_or_else(|| need("api_key_file (the project's API key)"))?;
-            let instance_id = raw.instance_id.as_ref().ok_or_else(|| {
-                need("instance_id (the object storage instance, like \"os-ab123\")")
-            })?;
-            ProviderCredentials::Glesys {
-                project: project.get_ref().clone(),
-                api_key: read_secret(loc, file, "api_key_file")?,
-                instance_id: instance_id.get_ref().clone(),
-            }
-        }
-    };
-
-    let endpoint = match &raw.endpoint {
-        Some(endpoint) => {
-            check_endpoint(endpoint.get_ref())
-                .map_err(|why| loc.at(endpoint.span(), in_profile(why)))?;
-            endpoint.get_ref().clone()
-        }
-        None => match provider {
-            ProviderKind::Coreweave => crate::provider::coreweave::DEFAULT_ENDPOINT.to_string(),
-            ProviderKind::Crusoe => crate::provider::crusoe::DEFAULT_ENDPOINT.to_string(),
-            ProviderKind::Glesys => crate::provider::glesys::DEFAULT_ENDPOINT.to_string(),
-            ProviderKind::Dev => String::new(),
-        },
-    };
-    let ca_file = raw.ca_file.as_ref().map(|f| {
-        let p = f.get_ref().clone();
-        if p.is_relative() {
-            loc.path.parent().unwrap_or(Path::new(".")).join(p)
-        } else {
-            p
-        }
-    });
-
-    let policy = renew_policy(loc, &raw, provider, table_span.clone(), &in_profile)?;
-
-    let mut allow_gids = Vec::new();
-    for group in raw.allow_groups.iter().flatten() {
-        allow_gids.push(group_id(loc, group, "allow_groups")?);
-    }
-    // Neither key set: the daemon's own user only (README, "Who may read a profile"). Set: exactly what they say,
-    // so `allow_uids = []` allows no one.
-    let allow_uids = match (&raw.allow_uids, &raw.allow_groups) {
-        (None, None) => vec![rustix::process::getuid().as_raw()],
-        (uids, _) => uids.clone().unwrap_or_default(),
-    };
-    Ok(ProfileConfig {
-        name,
-        provider,
-        endpoint,
-        ca_file,
-        credentials,
-        policy,
-        prewarm: raw.prewarm.unwrap_or(true),
-        revoke_on_shutdown: raw.revoke_on_shutdown.unwrap_or(true),
-        allow_uids,
-        allow_gids,
-    })
-}
-
-fn renew_policy(
-    loc: &Located<'_>,
-    raw: &RawProfile,
-    provider: ProviderKind,
-    table_span: Range<usize>,
-    in_profile: &dyn Fn(String) -> String,
-) -> Result<RenewPolicy, ConfigError> {
-    let span_of =
-        |v: &Option<Spanned<String>>| v.as_ref().map_or(table_span.clone(), Spanned::span);
-    let lifetime = match &raw.lifetime {
-        Some(v) => loc.duration(v, "lifetime")?,
-        None => DEFAULT_LIFETIME,
-    };
-    let lifetime_span = span_of(&raw.lifetime);
-    if lifetime.is_zero() {
-        return Err(loc.at(
-            lifetime_span,
-            in_profile(
-                "lifetime must be greater than zero: keybroker never mints permanent keys".into(),
-            ),
-        ));
-    }
-    if let Some(max) = provider.max_lifetime() {
-        if lifetime > max {
-            return Err(loc.at(
-                lifetime_span,
-                in_profile(format!(
-                    "lifetime ({}) exceeds {provider}'s maximum of {}",
-                    show(lifetime),
-                    show(max)
-                )),
-            ));
-        }
-    }
-    let renew_before = match &raw.renew_before {
-        Some(v) => loc.duration(v, "renew_before")?,
-        None => lifetime / 2,
-    };
-    let min_remaining = match &raw.min_remaining {
-        Some(v) => loc.duration(v, "min_remaining")?,
-        None => DEFAULT_MIN_REMAINING,
-    };
-    let defaulted = |key: &str, v: &Option<Spanned<String>>| {
-        if v.is_some() {
-            String::new()
-        } else {
-            format!(" (the default for {key})")
-        }
-    };
-    if renew_before >= lifetime {
-        return Err(loc.at(
-            span_of(&raw.renew_before),
-            in_profile(format!(
-                "renew_before ({}) must be less than lifetime ({})",
-                show(renew_before),
-                show(lifetime)
-            )),
-        ));
-    }
-    if min_remaining >= renew_before {
-        let span = if raw.min_remaining.is_some() {
-            span_of(&raw.min_remaining)
-        } else {
-            span_of(&raw.renew_before)
-        };
-        return Err(loc.at(
-            if raw.renew_before.is_none() && raw.min_remaining.is_none() { lifetime_span } else { span },
-            in_profile(format!(
-                "min_remaining ({}{}) must be less than renew_before ({}{}): a key is renewed before it gets too short to serve",
-                show(min_remaining),
-                defaulted("min_remaining", &raw.min_remaining),
-                show(renew_before),
-                if raw.renew_before.is_some() { String::new() } else { " = lifetime/2, the default".to_string() },
-            )),
-        ));
-    }
-    if provider == ProviderKind::Crusoe && renew_before > lifetime / 2 {
-        return Err(loc.at(
-            span_of(&raw.renew_before),
-            in_profile(format!(
-                "renew_before ({}) is more than half of lifetime ({}): Crusoe allows two keys, so each renewal revokes the previous retired key, which must be at the end of its life by then",
-                show(renew_before),
-                show(lifetime)
-            )),
-        ));
-    }
-    if min_remaining < SHORT_KEY_THRESHOLD && raw.allow_short_keys != Some(true) {
-        return Err(loc.at(
-            span_of(&raw.min_remaining),
-            in_profile(format!(
-                "min_remaining ({}) is under 16m: boto3 and aws-cli re-run credential_process on every call when a key has under 15 minutes left; raise it, or set allow_short_keys = true",
-                show(min_remaining)
-            )),
-        ));
-    }
-    Ok(RenewPolicy {
-        lifetime,
-        renew_before,
-        min_remaining,
-    })
-}
-
-/// Checks a provider endpoint URL: http(s), and plain http only to a loopback host.
-fn check_endpoint(url: &str) -> Result<(), String> {
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|_| format!("endpoint {url:?} is not a URL like \"https://api.example.com\""))?;
-    let host = uri
-        .host()
-        .ok_or_else(|| format!("endpoint {url:?} has no host"))?;
-    match uri.scheme_str() {
-        Some("https") => Ok(()),
-        Some("http") => {
-            let bare = host.trim_start_matches('[').trim_end_matches(']');
-            let loopback = bare == "localhost"
-                || bare
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback());
-            if loopback {
-                Ok(())
-            } else {
-                Err(format!(
-                    "endpoint {url:?} uses plain http to a host that is not loopback: tokens would cross the network in the clear; use https"
-                ))
-            }
-        }
-        _ => Err(format!("endpoint {url:?} must start with https://")),
-    }
-}
-
-/// Reads a secret file: `name` without '/' is looked up in `$CREDENTIALS_DIRECTORY` (systemd
-/// `LoadCredential=`), a relative path is relative to the config file. The file must not be
-/// readable or writable by group or others, and must belong to root or to the uid running
-/// keybroker.
-fn read_secret(
-    loc: &Located<'_>,
-    value: &Spanned<String>,
-    key: &str,
-) -> Result<Secret, ConfigError> {
-    let raw = value.get_ref();
-    let credential = !raw.contains('/');
-    let path = if !credential {
-        let p = PathBuf::from(raw);
-        if p.is_relative() {
-            loc.path.parent().unwrap_or(Path::new(".")).join(p)
-        } else {
-            p
-        }
-    } else {
-        match std::env::var_os("CREDENTIALS_DIRECTORY") {
-            Some(dir) => PathBuf::from(dir).join(raw),
-            None => {
-                return Err(loc.at(
-                    value.span(),
-                    format!("{key} {raw:?} has no '/', so it names a systemd credential, but $CREDENTIALS_DIRECTORY is not set; give a path such as \"/etc/keybroker/{raw}\""),
-                ))
-            }
-        }
-    };
-    let err = |what: String| loc.at(value.span(), format!("{key} {}: {what}", path.display()));
-    // Checked and read through one descriptor, so the file checked is the file read.
-    let mut file = std::fs::File::open(&path).map_err(|e| err(e.to_string()))?;
-    let meta = file.metadata().map_err(|e| err(e.to_string()))?;
-    let mode = meta.permissions().mode() & 0o777;
-    // systemd may give the service's user a root-owned credential through an ACL, which `ls`
-    // shows as group bits (0440, group root); nobody else can read it or write in that
-    // directory.
-    let systemd_acl = credential && meta.uid() == 0 && meta.gid() == 0 && mode & 0o037 == 0;
-    if mode & 0o077 != 0 && !systemd_acl {
-        return Err(err(format!(
-            "readable by group or others (mode {mode:04o}); a secret file must be private: chmod 600 {}",
-            path.display()
-        )));
-    }
-    // As sshd requires of its host keys: a file another user owns is one that user can swap
-    // for a token of their own, and the daemon would then act with it on their behalf.
-    // systemd's $CREDENTIALS_DIRECTORY files belong to root, or to the service's user.
-    let runner = rustix::process::geteuid().as_raw();
-    if meta.uid() != 0 && meta.uid() != runner {
-        let who = if runner == 0 {
-            "root".to_string()
-        } else {
-            format!(
-                "root or to {}, which runs keybroker",
-                crate::files::describe_uid(runner)
-            )
-        };
-        return Err(err(format!(
-            "owned by {}, who could swap the secret; a secret file must belong to {who}: chown root {}",
-            crate::files::describe_uid(meta.uid()),
-            path.display()
-        )));
-    }
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut file, &mut text).map_err(|e| err(e.to_string()))?;
-    let secret = text.trim();
-    if secret.is_empty() {
-        return Err(err("the file is empty".into()));
-    }
-    Ok(Secret::new(secret))
-}
-
-/// A group given by number or by name (looked up in /etc/group).
 fn group_id(
     loc: &Located<'_>,
     value: &Spanned<toml::Value>,
@@ -848,15 +441,5 @@ mod tests {
             e.to_string(),
             "k.toml:4:16: profile d: renew_before (2h) must be less than lifetime (1h)"
         );
-    }
-
-    #[test]
-    fn endpoint_rules() {
-        assert!(check_endpoint("https://api.coreweave.com").is_ok());
-        assert!(check_endpoint("http://127.0.0.1:8080").is_ok());
-        assert!(check_endpoint("http://[::1]:8080").is_ok());
-        assert!(check_endpoint("http://localhost:1").is_ok());
-        assert!(check_endpoint("http://api.coreweave.com").is_err());
-        assert!(check_endpoint("ftp://x").is_err());
     }
 }

@@ -1,0 +1,90 @@
+//! Secret files named by a profile (`token_file`, `secret_key_file`, `api_key_file`): where they
+//! are, who may own them, and reading them.
+
+use std::fs::Metadata;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use toml::Spanned;
+
+use super::{ConfigError, Located};
+use crate::credentials::Secret;
+
+/// Reads a secret file: `name` without '/' is looked up in `$CREDENTIALS_DIRECTORY` (systemd
+/// `LoadCredential=`), a relative path is relative to the config file. The file must not be
+/// readable or writable by group or others, and must belong to root or to the uid running
+/// keybroker.
+pub(super) fn read_secret(
+    loc: &Located<'_>,
+    value: &Spanned<String>,
+    key: &str,
+) -> Result<Secret, ConfigError> {
+    let raw = value.get_ref();
+    let credential = !raw.contains('/');
+    let path = if !credential {
+        loc.beside_config(PathBuf::from(raw))
+    } else {
+        match std::env::var_os("CREDENTIALS_DIRECTORY") {
+            Some(dir) => PathBuf::from(dir).join(raw),
+            None => {
+                return Err(loc.at(
+                    value.span(),
+                    format!("{key} {raw:?} has no '/', so it names a systemd credential, but $CREDENTIALS_DIRECTORY is not set; give a path such as \"/etc/keybroker/{raw}\""),
+                ))
+            }
+        }
+    };
+    let err = |what: String| loc.at(value.span(), format!("{key} {}: {what}", path.display()));
+    // Checked and read through one descriptor, so the file checked is the file read.
+    let mut file = std::fs::File::open(&path).map_err(|e| err(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| err(e.to_string()))?;
+    check_private(&meta, credential, &path).map_err(err)?;
+    check_owner(&meta, &path).map_err(err)?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut file, &mut text).map_err(|e| err(e.to_string()))?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(err("the file is empty".into()));
+    }
+    Ok(Secret::new(secret))
+}
+
+/// No access for group or others. `credential`: the file came from `$CREDENTIALS_DIRECTORY`.
+fn check_private(meta: &Metadata, credential: bool, path: &Path) -> Result<(), String> {
+    let mode = meta.permissions().mode() & 0o777;
+    // systemd may give the service's user a root-owned credential through an ACL, which `ls`
+    // shows as group bits (0440, group root); nobody else can read it or write in that
+    // directory.
+    let systemd_acl = credential && meta.uid() == 0 && meta.gid() == 0 && mode & 0o037 == 0;
+    if mode & 0o077 != 0 && !systemd_acl {
+        return Err(format!(
+            "readable by group or others (mode {mode:04o}); a secret file must be private: chmod 600 {}",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Owned by root or by the user running keybroker. As sshd requires of its host keys: a file
+/// another user owns is one that user can swap for a token of their own, and the daemon would
+/// then act with it on their behalf. systemd's `$CREDENTIALS_DIRECTORY` files belong to root,
+/// or to the service's user.
+fn check_owner(meta: &Metadata, path: &Path) -> Result<(), String> {
+    let runner = rustix::process::geteuid().as_raw();
+    if meta.uid() == 0 || meta.uid() == runner {
+        return Ok(());
+    }
+    let who = if runner == 0 {
+        "root".to_string()
+    } else {
+        format!(
+            "root or to {}, which runs keybroker",
+            crate::files::describe_uid(runner)
+        )
+    };
+    Err(format!(
+        "owned by {}, who could swap the secret; a secret file must belong to {who}: chown root {}",
+        crate::files::describe_uid(meta.uid()),
+        path.display()
+    ))
+}
