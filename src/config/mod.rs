@@ -1,4 +1,4 @@
-//! Configuration: TOML → [`RawConfig`] (serde, every value spanned) → [`Config`] (validated,
+//! Configuration: TOML → `RawConfig` (serde, every value spanned) → [`Config`] (validated,
 //! defaults applied once, here). Every error carries `path:line:col`.
 //!
 //! This module holds the types, the file as a whole and `[server]`; `profile` validates one
@@ -69,7 +69,7 @@ pub struct Config {
 /// `[server]`.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// The socket path if the file sets one; otherwise [`resolve_socket`] decides.
+    /// The socket path if the file sets one; otherwise [`crate::paths::resolve_socket`] decides.
     pub socket: Option<PathBuf>,
     /// Mode bits of the socket file.
     pub socket_mode: u32,
