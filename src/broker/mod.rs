@@ -1,7 +1,9 @@
 //! The broker: one [`Slot`] per profile, each driven by a background task that mints, renews
 //! and revokes; requests read the current key without a lock (DESIGN.md §1, §5).
 
+mod listing;
 mod policy;
+mod revoker;
 mod slot;
 
 use std::collections::BTreeMap;
@@ -16,11 +18,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use listing::{find_tagged, lease_of};
 pub use policy::{backoff, retry_delay, RenewPolicy, BACKOFF_CAP, DEGRADED_FLOOR, RENEW_JITTER};
+pub use revoker::{RevokeError, Revoker};
 pub use slot::{
-    Adopted, FailingRevoke, Pending, ReadyKey, RevokedKeys, Rotated, ServedKeys, Slot, SlotContext,
-    SlotStatus, Unavailable, UnsettledCreate, LANDING_GRACE, MAX_RETIRED, REFUSED_REVOKE_RETRY,
-    SETTLE_WAIT,
+    Adopted, Counters, CountersSnapshot, FailingRevoke, Pending, ReadyKey, RevokedKeys, Rotated,
+    ServedKeys, Slot, SlotContext, SlotStatus, Unavailable, UnsettledCreate, LANDING_GRACE,
+    MAX_RETIRED, REFUSED_REVOKE_RETRY, SETTLE_WAIT,
 };
 
 use crate::clock::Clock;

@@ -16,6 +16,7 @@ use time::OffsetDateTime;
 
 use super::revoke::Retired;
 use super::{ReadyKey, Slot};
+use crate::broker::listing::find_tagged;
 use crate::credentials::format_expiration;
 use crate::provider::ProviderError;
 
@@ -144,7 +145,7 @@ impl Slot {
             if !pending.iter().any(|q| q.lease == p.lease) {
                 return true;
             }
-            if let Some(k) = listed.iter().find(|k| k.tag.as_deref() == Some(&p.tag)) {
+            if let Some(k) = find_tagged(&listed, &p.tag) {
                 tracing::warn!(profile = %self.name, key_id = %k.handle.access_key_id, tag = %p.tag, "found the key of a create whose answer was lost; revoking it");
                 let mut key =
                     ReadyKey::untracked(k.handle.clone(), Some(p.tag.clone()), p.lease.clone());

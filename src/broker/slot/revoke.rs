@@ -1,21 +1,22 @@
-//! Retired keys and their revocation: the one place a slot revokes a key (renewal's retired
-//! keys, the key budget, stop, an operator's revoke, a reload, lost creates found by tag), how
-//! a failed revoke is retried, and the rule that no key is revoked before the `Expiration` it
-//! was served with, except by an operator.
+//! Retired keys and their revocation: [`Slot::revoke_key`], through which the slot revokes
+//! every key (renewal's retired keys, the key budget, stop, an operator's revoke, a reload,
+//! lost creates found by tag) by the broker's one revoke path; how a failed revoke is retried;
+//! and the rule that no key is revoked before the `Expiration` it was served with, except by
+//! an operator.
 
-use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{ReadyKey, Slot, State};
+use super::state::State;
+use super::{ReadyKey, Slot};
 use crate::broker::policy::backoff;
+use crate::broker::RevokeError;
 use crate::credentials::format_expiration;
-use crate::provider::{ListedKey, ProviderError, ProviderKind};
+use crate::provider::{ProviderError, ProviderKind};
 
 /// Longest a slot's list of retired keys grows. Each renewal retires a key; only revokes
 /// that keep failing make the list grow, and past this bound keys that have expired by
@@ -81,32 +82,6 @@ pub struct FailingRevoke {
     pub next_attempt: String,
 }
 
-/// The keys every slot of a broker has served and that are still within their `Expiration`:
-/// evicting "keybroker's own oldest key" to make room under a provider's key limit never
-/// touches one of these, whichever profile served it.
-#[derive(Debug, Default)]
-pub struct ServedKeys(Mutex<HashMap<String, OffsetDateTime>>);
-
-impl ServedKeys {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, OffsetDateTime>> {
-        self.0.lock().expect("served keys lock poisoned")
-    }
-
-    /// Records that `key_id` may be held by clients until `until`.
-    pub(super) fn insert(&self, key_id: &str, until: OffsetDateTime) {
-        self.lock().insert(key_id.to_string(), until);
-    }
-
-    fn remove(&self, key_id: &str) {
-        self.lock().remove(key_id);
-    }
-
-    /// Whether a client may still hold `key_id` at `now`.
-    fn protects(&self, key_id: &str, now: OffsetDateTime) -> bool {
-        self.lock().get(key_id).is_some_and(|until| *until > now)
-    }
-}
-
 /// Whether a provider's keys stop working by themselves at their expiry (GleSYS credentials
 /// live until deleted).
 fn expire_by_themselves(kind: ProviderKind) -> bool {
@@ -114,25 +89,18 @@ fn expire_by_themselves(kind: ProviderKind) -> bool {
 }
 
 impl Slot {
-    /// Revokes `key`: the provider call, then the ledger, the counters and the log. `why` says
-    /// for the log what made it due. Every revocation of a slot goes through here.
+    /// Revokes `key` by the broker's one revoke path ([`Revoker`](crate::broker::Revoker)):
+    /// the provider call, then the ledger, the counters and the log. `why` says for the log
+    /// what made it due. Every revocation of a slot goes through here. A revoked key is no
+    /// longer protected from eviction; one whose revocation the ledger could not record
+    /// counts as revoked.
     pub(crate) async fn revoke_key(&self, key: &ReadyKey, why: &str) -> Result<(), ProviderError> {
-        let id = &key.handle.access_key_id;
-        match self.provider.revoke(&key.handle).await {
-            Ok(()) => {
-                self.counters.revokes.fetch_add(1, Ordering::Relaxed);
-                self.journal_revoked(&key.lease);
-                self.served.remove(id);
-                tracing::info!(profile = %self.name, key_id = %id, why, "revoked key");
+        match self.revoker().revoke(&key.handle, &key.lease, why).await {
+            Ok(()) | Err(RevokeError::Journal(_)) => {
+                self.served.remove(&key.handle.access_key_id);
                 Ok(())
             }
-            Err(e) => {
-                self.counters
-                    .revoke_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(profile = %self.name, key_id = %id, why, error = %e, kind = e.code(), "revoke failed");
-                Err(e)
-            }
+            Err(RevokeError::Provider(e)) => Err(e),
         }
     }
 
@@ -230,157 +198,6 @@ impl Slot {
                 self.name
             )
         })
-    }
-
-    /// When a mint must wait for room under the provider's key limit: every key slot is
-    /// taken by the current key and retired keys that clients may still hold until their
-    /// `Expiration`. `None` when a mint may go ahead.
-    pub(super) fn budget_wait(&self, st: &State, now: OffsetDateTime) -> Option<OffsetDateTime> {
-        let limit = self.provider.key_limit()?;
-        let held = usize::from(self.current.load().is_some()) + st.retired.len();
-        if held < limit || st.retired.iter().any(|r| r.served_until <= now) {
-            return None;
-        }
-        st.retired.iter().map(|r| r.served_until).min()
-    }
-
-    /// The message for a mint or rotation that must wait for room under the key limit.
-    pub(super) fn budget_message(&self, st: &State, until: OffsetDateTime) -> String {
-        let limit = self.provider.key_limit().unwrap_or_default();
-        let held: Vec<String> = self
-            .current
-            .load()
-            .iter()
-            .map(|k| format!("{} (current)", k.handle.access_key_id))
-            .chain(st.retired.iter().map(|r| {
-                format!(
-                    "{} (retired, served until {})",
-                    r.key.handle.access_key_id,
-                    format_expiration(r.served_until)
-                )
-            }))
-            .collect();
-        format!(
-            "profile {}: {} allows {limit} keys per API user and they are in use: {}; a new key can be minted at {}, when the retired key's Expiration has passed (keybroker revoke {} frees them at once)",
-            self.name,
-            self.provider.kind(),
-            held.join(", "),
-            format_expiration(until),
-            self.name
-        )
-    }
-
-    /// Revokes retired keys nobody holds any more, oldest first, until one more key fits under
-    /// `limit`. A key still within the `Expiration` it was served with is never revoked here.
-    pub(super) async fn make_room(&self, limit: usize) -> Result<(), ProviderError> {
-        loop {
-            let oldest = {
-                let mut st = self.lock();
-                let now = self.clock.now();
-                let held = usize::from(self.current.load().is_some()) + st.retired.len();
-                if held < limit {
-                    return Ok(());
-                }
-                let Some(i) = (0..st.retired.len())
-                    .filter(|&i| st.retired[i].served_until <= now)
-                    .min_by_key(|&i| st.retired[i].key.expires_at)
-                else {
-                    let until = st.retired.iter().map(|r| r.served_until).min();
-                    return Err(ProviderError::LimitReached(match until {
-                        Some(until) => self.budget_message(&st, until),
-                        None => format!(
-                            "profile {}: the {} key limit of {limit} is taken by the current key",
-                            self.name,
-                            self.provider.kind()
-                        ),
-                    }));
-                };
-                st.retired.swap_remove(i)
-            };
-            if let Err(e) = self
-                .revoke_key(&oldest.key, "making room under the provider's key limit")
-                .await
-            {
-                let mut oldest = oldest;
-                let id = oldest.key.handle.access_key_id.clone();
-                oldest.failures += 1;
-                oldest.last_error = Some(e.clone());
-                self.lock().retired.push(oldest);
-                return Err(ProviderError::LimitReached(format!(
-                    "cannot make room under the {} key limit of {limit}: revoking {id} failed: {e}",
-                    self.provider.kind()
-                )));
-            }
-        }
-    }
-
-    /// After a create refused at the limit: revokes the oldest key carrying the broker's tag
-    /// that no client of any profile may still hold (a lost create that landed, a leftover),
-    /// or explains whose keys fill the budget.
-    pub(super) async fn evict_own_oldest(&self, message: &str) -> Result<(), ProviderError> {
-        let keys = self.provider.list_keys().await.map_err(|e| {
-            ProviderError::LimitReached(format!(
-                "{message}; listing the keys to make room failed: {e}"
-            ))
-        })?;
-        let now = self.clock.now();
-        let current = self
-            .current
-            .load()
-            .as_ref()
-            .map(|k| k.handle.access_key_id.clone());
-        let ours = |k: &&ListedKey| {
-            k.tag
-                .as_deref()
-                .is_some_and(|t| t.starts_with(&*self.tag_prefix))
-        };
-        let victim = keys
-            .iter()
-            .filter(ours)
-            .filter(|k| Some(&k.handle.access_key_id) != current.as_ref())
-            .filter(|k| !self.served.protects(&k.handle.access_key_id, now))
-            .min_by_key(|k| (k.created_at, k.expires_at));
-        let Some(victim) = victim else {
-            let foreign: Vec<&str> = keys
-                .iter()
-                .filter(|k| !ours(k))
-                .map(|k| k.handle.access_key_id.as_str())
-                .collect();
-            let served: Vec<&str> = keys
-                .iter()
-                .filter(ours)
-                .map(|k| k.handle.access_key_id.as_str())
-                .collect();
-            return Err(ProviderError::LimitReached(format!(
-                "{message}; keybroker's keys ({}) are still within the Expiration they were served with, and {} not minted by keybroker ({}), which it never touches: delete one, or give keybroker an API user of its own",
-                served.join(", "),
-                foreign.len(),
-                foreign.join(", ")
-            )));
-        };
-        let lease = victim
-            .tag
-            .as_deref()
-            .and_then(|t| t.strip_prefix(&*self.tag_prefix))
-            .unwrap_or_default()
-            .to_string();
-        let key = ReadyKey::untracked(victim.handle.clone(), victim.tag.clone(), lease);
-        self.revoke_key(
-            &key,
-            "keybroker's own oldest unserved key, to make room under the provider's key limit",
-        )
-        .await
-        .map_err(|e| {
-            ProviderError::LimitReached(format!(
-                "{message}; revoking keybroker's own oldest key {} to make room failed: {e}",
-                victim.handle.access_key_id
-            ))
-        })?;
-        self.lock()
-            .retired
-            .retain(|r| r.key.handle.access_key_id != victim.handle.access_key_id);
-        self.forget_lost(victim.tag.as_deref());
-        Ok(())
     }
 
     /// Retired keys whose revoke has failed, for status.

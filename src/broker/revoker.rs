@@ -1,0 +1,78 @@
+//! The one revoke path: every key keybroker revokes (a renewal's retired key, the key budget,
+//! stop, an operator's revoke, a reload, a lost create found by its tag, start-up recovery and
+//! `keybroker sweep`) goes through [`Revoker::revoke`], which calls the provider, closes the
+//! lease in the ledger, counts the outcome and logs it with why the key was due.
+
+use std::sync::atomic::Ordering;
+
+use crate::clock::Clock;
+use crate::credentials::format_expiration;
+use crate::ledger::{Ledger, LedgerError, Record};
+use crate::provider::{KeyHandle, Provider, ProviderError};
+
+use super::Counters;
+
+/// What a revocation needs: whose key it is, who revokes it, and where it is recorded.
+#[derive(Clone, Copy)]
+pub struct Revoker<'a> {
+    /// The profile, for the log.
+    pub profile: &'a str,
+    /// Who revokes the key.
+    pub provider: &'a dyn Provider,
+    /// Where the lease is closed, if keys are journaled.
+    pub ledger: Option<&'a Ledger>,
+    /// The profile's status counters, when a running slot revokes.
+    pub counters: Option<&'a Counters>,
+    /// When the lease is closed.
+    pub clock: &'a Clock,
+}
+
+/// Why a revocation did not finish.
+#[derive(Debug)]
+pub enum RevokeError {
+    /// The provider did not revoke the key: it is still alive.
+    Provider(ProviderError),
+    /// The key is revoked, but the ledger could not record it: the next start revokes it
+    /// again, which providers accept.
+    Journal(LedgerError),
+}
+
+impl Revoker<'_> {
+    /// Revokes `key`, then closes its `lease` in the ledger (none when `lease` is empty: a key
+    /// the ledger never knew). `why` says for the log what made it due.
+    pub async fn revoke(&self, key: &KeyHandle, lease: &str, why: &str) -> Result<(), RevokeError> {
+        let id = &key.access_key_id;
+        match self.provider.revoke(key).await {
+            Ok(()) => {
+                if let Some(c) = self.counters {
+                    c.revokes.fetch_add(1, Ordering::Relaxed);
+                }
+                let journaled = self.close_lease(lease);
+                tracing::info!(profile = %self.profile, key_id = %id, why, "revoked key");
+                journaled.map_err(RevokeError::Journal)
+            }
+            Err(e) => {
+                if let Some(c) = self.counters {
+                    c.revoke_failures.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::warn!(profile = %self.profile, key_id = %id, why, error = %e, kind = e.code(), "revoke failed");
+                Err(RevokeError::Provider(e))
+            }
+        }
+    }
+
+    /// Records that `lease`'s key is gone, or was never made. A failed write is logged, and
+    /// only means the next start revokes an already revoked key.
+    pub fn close_lease(&self, lease: &str) -> Result<(), LedgerError> {
+        let Some(ledger) = self.ledger.filter(|_| !lease.is_empty()) else {
+            return Ok(());
+        };
+        let record = Record::Revoked {
+            lease: lease.to_string(),
+            at: format_expiration(self.clock.now()),
+        };
+        ledger.append(&record).inspect_err(|e| {
+            tracing::error!(profile = %self.profile, lease, error = %e, "could not record a revocation in the ledger");
+        })
+    }
+}

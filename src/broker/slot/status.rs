@@ -1,0 +1,157 @@
+//! What status shows of a slot: its state word, key, schedule, retired keys, unsettled creates
+//! and counters.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::{FailingRevoke, Slot, UnsettledCreate};
+use crate::credentials::format_expiration;
+
+/// Counters reported in status.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Successful mints (first keys and renewals).
+    pub mints: AtomicU64,
+    /// Mints that replaced a current key.
+    pub renewals: AtomicU64,
+    /// Failed mint attempts.
+    pub mint_failures: AtomicU64,
+    /// Successful revocations.
+    pub revokes: AtomicU64,
+    /// Failed revoke attempts.
+    pub revoke_failures: AtomicU64,
+    /// Requests answered with a key while the profile was degraded.
+    pub degraded_serves: AtomicU64,
+    /// Requests answered 503.
+    pub unavailable: AtomicU64,
+}
+
+impl Counters {
+    /// A copy of the counters now.
+    pub fn snapshot(&self) -> CountersSnapshot {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CountersSnapshot {
+            mints: get(&self.mints),
+            renewals: get(&self.renewals),
+            mint_failures: get(&self.mint_failures),
+            revokes: get(&self.revokes),
+            revoke_failures: get(&self.revoke_failures),
+            degraded_serves: get(&self.degraded_serves),
+            unavailable: get(&self.unavailable),
+        }
+    }
+}
+
+/// A copy of [`Counters`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CountersSnapshot {
+    #[allow(missing_docs)]
+    pub mints: u64,
+    #[allow(missing_docs)]
+    pub renewals: u64,
+    #[allow(missing_docs)]
+    pub mint_failures: u64,
+    #[allow(missing_docs)]
+    pub revokes: u64,
+    #[allow(missing_docs)]
+    pub revoke_failures: u64,
+    #[allow(missing_docs)]
+    pub degraded_serves: u64,
+    #[allow(missing_docs)]
+    pub unavailable: u64,
+}
+
+/// What a status answer shows of a slot.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SlotStatus {
+    /// `cold`, `minting`, `ready`, `renewing`, `degraded`, `unavailable`, `revoked` (by an
+    /// operator, until `keybroker rotate`) or `stopped`.
+    pub state: &'static str,
+    /// The current key's id.
+    pub key_id: Option<String>,
+    /// The current key's expiry (RFC 3339).
+    pub expires_at: Option<String>,
+    /// Seconds until it expires.
+    pub expires_in_seconds: Option<i64>,
+    /// Next scheduled renewal (RFC 3339).
+    pub next_renewal: Option<String>,
+    /// Seconds until then.
+    pub renews_in_seconds: Option<i64>,
+    /// Retired keys not yet revoked.
+    pub retired_keys: usize,
+    /// Retired keys whose revocation failed, with the provider's words; retried.
+    pub failing_revokes: Vec<FailingRevoke>,
+    /// Retired keys given up on in this run because more than
+    /// [`MAX_RETIRED`](super::MAX_RETIRED) could not be revoked (each had expired by itself;
+    /// the ledger keeps them for the next start).
+    pub retired_given_up: u64,
+    /// Creates whose outcome is unknown: their key, if it exists, is looked for by tag.
+    pub unsettled_creates: Vec<UnsettledCreate>,
+    /// Counters.
+    pub counters: CountersSnapshot,
+    /// The last failure, if the last attempt failed.
+    pub last_error: Option<String>,
+    /// What keeps the profile from minting although it needs a key: room under the
+    /// provider's key limit, or too many retired keys that could not be revoked.
+    pub blocked: Option<String>,
+}
+
+impl SlotStatus {
+    /// A status in `state` with no key, for tests of what renders it.
+    #[cfg(test)]
+    pub fn example(state: &'static str) -> Self {
+        SlotStatus {
+            state,
+            key_id: None,
+            expires_at: None,
+            expires_in_seconds: None,
+            next_renewal: None,
+            renews_in_seconds: None,
+            retired_keys: 0,
+            failing_revokes: Vec::new(),
+            retired_given_up: 0,
+            unsettled_creates: Vec::new(),
+            counters: Counters::default().snapshot(),
+            last_error: None,
+            blocked: None,
+        }
+    }
+}
+
+impl Slot {
+    /// The slot as status shows it.
+    pub fn status(&self) -> SlotStatus {
+        let st = self.lock();
+        let now = self.clock.now();
+        let current = self.current.load_full();
+        let fresh = current
+            .as_ref()
+            .is_some_and(|k| self.remaining(k) >= self.policy.min_remaining);
+        let usable = current
+            .as_ref()
+            .is_some_and(|k| self.remaining(k) > self.policy.degraded_floor());
+        // Only a mint that is wanted now can be held up.
+        let wanted = !fresh || st.renew_at.is_some_and(|r| r <= now) || st.rotation_pending();
+        let blocked = self
+            .blocked(&st, now)
+            .filter(|_| wanted && st.phase.held_since().is_none());
+        let failing = st.last_error.is_some() || (blocked.is_some() && !fresh);
+        let renew_at = st.renew_at.filter(|_| current.is_some());
+        SlotStatus {
+            state: st.phase.word(fresh, usable, failing),
+            key_id: current.as_ref().map(|k| k.handle.access_key_id.clone()),
+            expires_at: current.as_ref().map(|k| format_expiration(k.expires_at)),
+            expires_in_seconds: current
+                .as_ref()
+                .map(|k| (k.expires_at - now).whole_seconds()),
+            next_renewal: renew_at.map(format_expiration),
+            renews_in_seconds: renew_at.map(|r| (r - now).whole_seconds().max(0)),
+            retired_keys: st.retired.len(),
+            failing_revokes: self.failing_revokes(&st),
+            retired_given_up: st.dropped_retired,
+            unsettled_creates: self.unsettled(),
+            counters: self.counters.snapshot(),
+            last_error: st.last_error.as_ref().map(|(e, _)| e.to_string()),
+            blocked,
+        }
+    }
+}
