@@ -1,8 +1,9 @@
-//! Finishing what an earlier run left (DESIGN.md §6): at start-up, before serving, and in
-//! `keybroker sweep`. Every lease the ledger holds open is revoked by its handle, or, when only
-//! its intent was written, found by its tag in the provider's listing; then every key carrying
-//! this broker's tag prefix that the ledger does not know is revoked too. Outcomes are recorded
-//! and the ledger compacted to what is still open.
+//! Finishing what an earlier run left (README, "Never leak a key"): at start-up, before
+//! serving, and in `keybroker sweep`. Every lease the ledger holds open is revoked by its
+//! handle, or, when only its intent was written, found by its tag in the provider's listing;
+//! then every key carrying this broker's tag prefix that the ledger does not know is revoked
+//! too. Every revocation goes through the broker's one revoke path ([`Revoker`]), which
+//! closes the lease in the ledger; the ledger is then compacted to what is still open.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -10,10 +11,10 @@ use std::sync::Arc;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::broker::{Adopted, Pending, LANDING_GRACE};
+use crate::broker::{find_tagged, lease_of, Adopted, Pending, RevokeError, Revoker, LANDING_GRACE};
 use crate::clock::Clock;
 use crate::credentials::format_expiration;
-use crate::ledger::{Ledger, LedgerError, OpenLease, Record};
+use crate::ledger::{Ledger, LedgerError, OpenLease};
 use crate::provider::{KeyHandle, ListedKey, Provider, ProviderError};
 
 /// A configured profile, as recovery sees it.
@@ -83,177 +84,279 @@ pub async fn recover(
     daemon: bool,
 ) -> Result<Recovery, LedgerError> {
     let replay = ledger.replay()?;
-    let mut out = Recovery::default();
+    let mut run = Run {
+        ledger,
+        clock,
+        now: clock.now(),
+        daemon,
+        listings: Listings::default(),
+        handled: HashSet::new(),
+        still_open: Vec::new(),
+        out: Recovery::default(),
+    };
     for (line, why) in &replay.bad_lines {
-        out.lines.push(format!("ledger line {line} skipped: {why}"));
+        run.line(format!("ledger line {line} skipped: {why}"));
     }
     if replay.torn_tail {
-        out.lines.push("ledger: the last line was cut short (a write interrupted by power loss?) and was skipped".into());
+        run.line("ledger: the last line was cut short (a write interrupted by power loss?) and was skipped".into());
     }
-    let mut listings = Listings::default();
-    let mut handled: HashSet<String> = HashSet::new();
-    let mut still_open: Vec<OpenLease> = Vec::new();
-    let now = clock.now();
-    let closed = |lease: &OpenLease| Record::Revoked {
-        lease: lease.lease.clone(),
-        at: format_expiration(now),
-    };
-
     for lease in replay.open {
         let Some(target) = targets.get(&lease.profile) else {
-            out.lines.push(format!(
-                "lease {} of profile {} ({}): the profile is no longer configured, so its key cannot be revoked; kept in the ledger",
-                lease.lease,
-                lease.profile,
-                lease.minted.as_ref().map_or("key unknown", |m| m.0.as_str())
-            ));
-            out.unfinished += 1;
-            still_open.push(lease);
+            run.unconfigured(lease);
             continue;
         };
-        let profile = lease.profile.clone();
         match lease.minted.clone() {
-            Some((key_id, handle, expires)) => {
-                handled.insert(key_id.clone());
-                let expires_at = OffsetDateTime::parse(&expires, &Rfc3339).ok();
-                let key = KeyHandle {
-                    access_key_id: key_id.clone(),
-                    revoke_handle: handle,
-                };
-                if !target.revoke_on_shutdown {
-                    if let Some(expires_at) = expires_at.filter(|e| *e > now) {
-                        if daemon {
-                            out.lines.push(format!("tracking {key_id} (profile {profile}) until it expires at {expires}: revoke_on_shutdown = false"));
-                            out.adopted.entry(profile).or_default().push(Adopted {
-                                handle: key,
-                                lease: lease.lease.clone(),
-                                expires_at,
-                            });
-                        } else {
-                            out.lines.push(format!("left {key_id} (profile {profile}) alive until {expires}: revoke_on_shutdown = false; sweep again after that"));
-                        }
-                        still_open.push(lease);
-                        continue;
-                    }
-                }
-                match target.provider.revoke(&key).await {
-                    Ok(()) => {
-                        ledger.append(&closed(&lease))?;
-                        out.revoked += 1;
-                        out.lines.push(format!("revoked {key_id} (profile {profile}, lease {}): left by an earlier run", lease.lease));
-                    }
-                    Err(e) => {
-                        out.unfinished += 1;
-                        out.lines.push(format!("could not revoke {key_id} (profile {profile}): {e}; kept in the ledger"));
-                        still_open.push(lease);
-                    }
-                }
-            }
-            None => {
-                match listings.get(&profile, target.provider.as_ref()).await {
-                    Ok(keys) => match keys
-                        .iter()
-                        .find(|k| k.tag.as_deref() == Some(lease.tag.as_str()))
-                        .cloned()
-                    {
-                        Some(found) => {
-                            handled.insert(found.handle.access_key_id.clone());
-                            match target.provider.revoke(&found.handle).await {
-                                Ok(()) => {
-                                    ledger.append(&closed(&lease))?;
-                                    out.revoked += 1;
-                                    out.lines.push(format!(
-                                    "revoked {} (profile {profile}): its create's answer was lost; found by tag {}",
-                                    found.handle.access_key_id, lease.tag
-                                ));
-                                }
-                                Err(e) => {
-                                    out.unfinished += 1;
-                                    out.lines.push(format!("could not revoke {} (profile {profile}): {e}; kept in the ledger", found.handle.access_key_id));
-                                    still_open.push(lease);
-                                }
-                            }
-                        }
-                        None if now < may_land_until(&lease) => {
-                            let until = format_expiration(may_land_until(&lease));
-                            if daemon {
-                                out.lines.push(format!(
-                                    "lease {} of profile {profile}: no key carries its tag yet, and its create may still land until {until}; the profile keeps looking",
-                                    lease.lease
-                                ));
-                                out.unsettled.entry(profile).or_default().push(Pending {
-                                    lease: lease.lease.clone(),
-                                    tag: lease.tag.clone(),
-                                    ended_at: may_land_until(&lease) - LANDING_GRACE,
-                                });
-                            } else {
-                                out.unfinished += 1;
-                                out.lines.push(format!(
-                                    "lease {} of profile {profile}: no key carries its tag yet, and its create may still land until {until}; kept in the ledger: sweep again after that",
-                                    lease.lease
-                                ));
-                            }
-                            still_open.push(lease);
-                        }
-                        None => {
-                            ledger.append(&closed(&lease))?;
-                            out.lines.push(format!("lease {} of profile {profile}: no key carries its tag; none was made", lease.lease));
-                        }
-                    },
-                    Err(e) => {
-                        out.unfinished += 1;
-                        out.lines.push(format!("lease {} of profile {profile}: listing keys to find it failed: {e}; kept in the ledger", lease.lease));
-                        still_open.push(lease);
-                    }
-                }
-            }
+            Some(minted) => run.finish_minted(lease, target, minted).await?,
+            None => run.find_by_tag(lease, target).await?,
+        }
+    }
+    // Keys with this broker's tag that the ledger does not know (a lost or deleted ledger).
+    for (profile, target) in targets {
+        run.revoke_strays(profile, target, tag_prefix).await;
+    }
+    ledger.compact(&run.still_open)?;
+    Ok(run.out)
+}
+
+/// One recovery pass: what it has done so far, and what it still has to do.
+struct Run<'a> {
+    ledger: &'a Ledger,
+    clock: &'a Clock,
+    /// When recovery started: what has expired, or can no longer land, is judged against it.
+    now: OffsetDateTime,
+    /// A daemon keeps running after recovery.
+    daemon: bool,
+    listings: Listings,
+    /// Keys finished by their lease: not strays.
+    handled: HashSet<String>,
+    /// Leases the ledger keeps.
+    still_open: Vec<OpenLease>,
+    out: Recovery,
+}
+
+impl Run<'_> {
+    fn line(&mut self, line: String) {
+        self.out.lines.push(line);
+    }
+
+    /// The broker's one revoke path, for `profile`'s keys.
+    fn revoker<'r>(&'r self, profile: &'r str, target: &'r Target) -> Revoker<'r> {
+        Revoker {
+            profile,
+            provider: target.provider.as_ref(),
+            ledger: Some(self.ledger),
+            counters: None,
+            clock: self.clock,
         }
     }
 
-    // Keys with this broker's tag that the ledger does not know (a lost or deleted ledger).
-    for (profile, target) in targets {
-        let keys = match listings.get(profile, target.provider.as_ref()).await {
-            Ok(keys) => keys.clone(),
+    /// A lease of a profile no longer configured: nothing can revoke its key.
+    fn unconfigured(&mut self, lease: OpenLease) {
+        self.line(format!(
+            "lease {} of profile {} ({}): the profile is no longer configured, so its key cannot be revoked; kept in the ledger",
+            lease.lease,
+            lease.profile,
+            lease.minted.as_ref().map_or("key unknown", |m| m.0.as_str())
+        ));
+        self.out.unfinished += 1;
+        self.still_open.push(lease);
+    }
+
+    /// A lease whose create answered: its key is revoked by its handle, or, when the profile
+    /// keeps keys at stop and a daemon runs, tracked until its expiry.
+    async fn finish_minted(
+        &mut self,
+        lease: OpenLease,
+        target: &Target,
+        (key_id, handle, expires): (String, String, String),
+    ) -> Result<(), LedgerError> {
+        let profile = lease.profile.clone();
+        self.handled.insert(key_id.clone());
+        let expires_at = OffsetDateTime::parse(&expires, &Rfc3339).ok();
+        let key = KeyHandle {
+            access_key_id: key_id.clone(),
+            revoke_handle: handle,
+        };
+        if !target.revoke_on_shutdown {
+            if let Some(expires_at) = expires_at.filter(|e| *e > self.now) {
+                if self.daemon {
+                    self.line(format!("tracking {key_id} (profile {profile}) until it expires at {expires}: revoke_on_shutdown = false"));
+                    self.out.adopted.entry(profile).or_default().push(Adopted {
+                        handle: key,
+                        lease: lease.lease.clone(),
+                        expires_at,
+                    });
+                } else {
+                    self.line(format!("left {key_id} (profile {profile}) alive until {expires}: revoke_on_shutdown = false; sweep again after that"));
+                }
+                self.still_open.push(lease);
+                return Ok(());
+            }
+        }
+        let revoked = self
+            .revoker(&profile, target)
+            .revoke_key(&key, &lease.lease, "left by an earlier run")
+            .await;
+        match revoked {
+            Ok(()) => {
+                self.out.revoked += 1;
+                self.line(format!(
+                    "revoked {key_id} (profile {profile}, lease {}): left by an earlier run",
+                    lease.lease
+                ));
+            }
+            Err(RevokeError::Journal(e)) => return Err(e),
+            Err(RevokeError::Provider(e)) => {
+                self.out.unfinished += 1;
+                self.line(format!(
+                    "could not revoke {key_id} (profile {profile}): {e}; kept in the ledger"
+                ));
+                self.still_open.push(lease);
+            }
+        }
+        Ok(())
+    }
+
+    /// A lease with only its intent written: its key, if the create made one, is found by its
+    /// tag and revoked; if none carries the tag, the lease is closed once its create can no
+    /// longer land.
+    async fn find_by_tag(&mut self, lease: OpenLease, target: &Target) -> Result<(), LedgerError> {
+        let profile = lease.profile.clone();
+        let listed = self.listings.get(&profile, target.provider.as_ref()).await;
+        let found = match listed {
+            Ok(keys) => find_tagged(keys, &lease.tag).cloned(),
             Err(e) => {
-                out.lines.push(format!("profile {profile}: listing keys failed: {e}; untracked keys, if any, were not looked for"));
-                continue;
+                let line = format!("lease {} of profile {profile}: listing keys to find it failed: {e}; kept in the ledger", lease.lease);
+                self.out.unfinished += 1;
+                self.line(line);
+                self.still_open.push(lease);
+                return Ok(());
             }
         };
-        let adopted: HashSet<&str> = out
+        let Some(found) = found else {
+            return self.not_found(lease, target);
+        };
+        let id = &found.handle.access_key_id;
+        self.handled.insert(id.clone());
+        let revoked = self
+            .revoker(&profile, target)
+            .revoke_key(
+                &found.handle,
+                &lease.lease,
+                "its create's answer was lost; found by its tag",
+            )
+            .await;
+        match revoked {
+            Ok(()) => {
+                self.out.revoked += 1;
+                self.line(format!(
+                    "revoked {id} (profile {profile}): its create's answer was lost; found by tag {}",
+                    lease.tag
+                ));
+            }
+            Err(RevokeError::Journal(e)) => return Err(e),
+            Err(RevokeError::Provider(e)) => {
+                self.out.unfinished += 1;
+                self.line(format!(
+                    "could not revoke {id} (profile {profile}): {e}; kept in the ledger"
+                ));
+                self.still_open.push(lease);
+            }
+        }
+        Ok(())
+    }
+
+    /// No key carries the lease's tag: its create may still land (a daemon keeps looking; a
+    /// sweep keeps the lease), or it made none.
+    fn not_found(&mut self, lease: OpenLease, target: &Target) -> Result<(), LedgerError> {
+        let profile = lease.profile.clone();
+        let until = may_land_until(&lease);
+        if self.now >= until {
+            self.revoker(&profile, target).close_lease(&lease.lease)?;
+            self.line(format!(
+                "lease {} of profile {profile}: no key carries its tag; none was made",
+                lease.lease
+            ));
+            return Ok(());
+        }
+        let until_text = format_expiration(until);
+        if self.daemon {
+            self.line(format!(
+                "lease {} of profile {profile}: no key carries its tag yet, and its create may still land until {until_text}; the profile keeps looking",
+                lease.lease
+            ));
+            self.out
+                .unsettled
+                .entry(profile)
+                .or_default()
+                .push(Pending {
+                    lease: lease.lease.clone(),
+                    tag: lease.tag.clone(),
+                    ended_at: until - LANDING_GRACE,
+                });
+        } else {
+            self.out.unfinished += 1;
+            self.line(format!(
+                "lease {} of profile {profile}: no key carries its tag yet, and its create may still land until {until_text}; kept in the ledger: sweep again after that",
+                lease.lease
+            ));
+        }
+        self.still_open.push(lease);
+        Ok(())
+    }
+
+    /// Revokes `profile`'s keys carrying `tag_prefix` that no lease accounted for.
+    async fn revoke_strays(&mut self, profile: &str, target: &Target, tag_prefix: &str) {
+        let keys = match self.listings.get(profile, target.provider.as_ref()).await {
+            Ok(keys) => keys.clone(),
+            Err(e) => {
+                let line = format!("profile {profile}: listing keys failed: {e}; untracked keys, if any, were not looked for");
+                self.line(line);
+                return;
+            }
+        };
+        let adopted: HashSet<String> = self
+            .out
             .adopted
             .values()
             .flatten()
-            .map(|a| a.handle.access_key_id.as_str())
+            .map(|a| a.handle.access_key_id.clone())
             .collect();
         let strays: Vec<ListedKey> = keys
             .into_iter()
-            .filter(|k| k.tag.as_deref().is_some_and(|t| t.starts_with(tag_prefix)))
+            .filter(|k| lease_of(k, tag_prefix).is_some())
             .filter(|k| {
-                !handled.contains(&k.handle.access_key_id)
-                    && !adopted.contains(k.handle.access_key_id.as_str())
+                !self.handled.contains(&k.handle.access_key_id)
+                    && !adopted.contains(&k.handle.access_key_id)
             })
             .collect();
         for stray in strays {
-            handled.insert(stray.handle.access_key_id.clone());
-            match target.provider.revoke(&stray.handle).await {
-                Ok(()) => {
-                    out.revoked += 1;
-                    out.lines.push(format!(
-                        "revoked {} (profile {profile}): tagged {} by this broker but not in the ledger",
-                        stray.handle.access_key_id,
+            let id = &stray.handle.access_key_id;
+            self.handled.insert(id.clone());
+            // Not in the ledger: no lease to close.
+            let revoked = self
+                .revoker(profile, target)
+                .revoke_key(
+                    &stray.handle,
+                    "",
+                    "tagged by this broker but not in the ledger",
+                )
+                .await;
+            match revoked {
+                Ok(()) | Err(RevokeError::Journal(_)) => {
+                    self.out.revoked += 1;
+                    self.line(format!(
+                        "revoked {id} (profile {profile}): tagged {} by this broker but not in the ledger",
                         stray.tag.as_deref().unwrap_or_default()
                     ));
                 }
-                Err(e) => {
-                    out.unfinished += 1;
-                    out.lines.push(format!(
-                        "could not revoke untracked key {} (profile {profile}): {e}",
-                        stray.handle.access_key_id
+                Err(RevokeError::Provider(e)) => {
+                    self.out.unfinished += 1;
+                    self.line(format!(
+                        "could not revoke untracked key {id} (profile {profile}): {e}"
                     ));
                 }
             }
         }
     }
-    ledger.compact(&still_open)?;
-    Ok(out)
 }

@@ -1,5 +1,7 @@
 //! The broker: one [`Slot`] per profile, each driven by a background task that mints, renews
-//! and revokes; requests read the current key without a lock (DESIGN.md §1, §5).
+//! and revokes; requests read the current key without a lock (ARCHITECTURE.md, "A request,
+//! from connect to answer" and "One key's lifecycle"). Every key is revoked through one path,
+//! [`Revoker`], which start-up recovery and `keybroker sweep` use too.
 
 mod listing;
 mod policy;

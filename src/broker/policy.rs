@@ -7,9 +7,10 @@ use time::OffsetDateTime;
 
 use crate::provider::ProviderError;
 
-/// The most a renewal is moved earlier, as a fraction of `renew_before` (DESIGN.md §5: up to 10%).
+/// The most a renewal is moved earlier, as a fraction of `renew_before` (README, "Behaviour over time": up to 10%).
 pub const RENEW_JITTER: f64 = 0.10;
-/// A degraded profile serves its last key until this long before it expires (DESIGN.md §5).
+/// A degraded profile serves its last key until this long before it expires (README,
+/// "Behaviour over time").
 pub const DEGRADED_FLOOR: Duration = Duration::from_secs(5 * 60);
 /// First retry delay after a failed mint.
 pub const BACKOFF_BASE: Duration = Duration::from_secs(1);

@@ -1,6 +1,6 @@
 //! The one revoke path: every key keybroker revokes (a renewal's retired key, the key budget,
 //! stop, an operator's revoke, a reload, a lost create found by its tag, start-up recovery and
-//! `keybroker sweep`) goes through [`Revoker::revoke`], which calls the provider, closes the
+//! `keybroker sweep`) goes through [`Revoker::revoke_key`], which calls the provider, closes the
 //! lease in the ledger, counts the outcome and logs it with why the key was due.
 
 use std::sync::atomic::Ordering;
@@ -40,7 +40,12 @@ pub enum RevokeError {
 impl Revoker<'_> {
     /// Revokes `key`, then closes its `lease` in the ledger (none when `lease` is empty: a key
     /// the ledger never knew). `why` says for the log what made it due.
-    pub async fn revoke(&self, key: &KeyHandle, lease: &str, why: &str) -> Result<(), RevokeError> {
+    pub async fn revoke_key(
+        &self,
+        key: &KeyHandle,
+        lease: &str,
+        why: &str,
+    ) -> Result<(), RevokeError> {
         let id = &key.access_key_id;
         match self.provider.revoke(key).await {
             Ok(()) => {
@@ -74,5 +79,63 @@ impl Revoker<'_> {
         ledger.append(&record).inspect_err(|e| {
             tracing::error!(profile = %self.profile, lease, error = %e, "could not record a revocation in the ledger");
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::provider::dev::Dev;
+    use crate::provider::ProviderKind;
+
+    #[tokio::test]
+    async fn a_revocation_closes_its_lease_and_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let clock = Clock::System;
+        let dev = Dev::new(clock.clone());
+        let counters = Counters::default();
+        let key = dev
+            .mint("keybroker-h-i-01", Duration::from_secs(3600))
+            .await
+            .unwrap();
+        ledger
+            .append(&Record::Intent {
+                lease: "01".into(),
+                profile: "p".into(),
+                provider: ProviderKind::Dev,
+                tag: "keybroker-h-i-01".into(),
+                at: format_expiration(clock.now()),
+            })
+            .unwrap();
+        let revoker = Revoker {
+            profile: "p",
+            provider: &dev,
+            ledger: Some(&ledger),
+            counters: Some(&counters),
+            clock: &clock,
+        };
+        revoker
+            .revoke_key(&key.handle(), "01", "a test")
+            .await
+            .unwrap();
+        assert_eq!(dev.revocations(), 1);
+        assert_eq!(counters.snapshot().revokes, 1);
+        assert!(ledger.replay().unwrap().open.is_empty());
+
+        // A key the ledger never knew: revoked, nothing written.
+        let stray = dev
+            .mint("keybroker-h-i-02", Duration::from_secs(3600))
+            .await
+            .unwrap();
+        let before = std::fs::read(ledger.path()).unwrap();
+        revoker
+            .revoke_key(&stray.handle(), "", "a test")
+            .await
+            .unwrap();
+        assert_eq!(dev.revocations(), 2);
+        assert_eq!(std::fs::read(ledger.path()).unwrap(), before);
     }
 }

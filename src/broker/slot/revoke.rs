@@ -95,7 +95,11 @@ impl Slot {
     /// longer protected from eviction; one whose revocation the ledger could not record
     /// counts as revoked.
     pub(crate) async fn revoke_key(&self, key: &ReadyKey, why: &str) -> Result<(), ProviderError> {
-        match self.revoker().revoke(&key.handle, &key.lease, why).await {
+        match self
+            .revoker()
+            .revoke_key(&key.handle, &key.lease, why)
+            .await
+        {
             Ok(()) | Err(RevokeError::Journal(_)) => {
                 self.served.remove(&key.handle.access_key_id);
                 Ok(())
