@@ -27,11 +27,23 @@ fi
 echo "==> cargo fmt --check"
 cargo fmt --all --check
 echo "==> dependency check"
-# ring builds three times faster than aws-lc-rs on two cores (STYLE.md); keep it out.
+# ring builds three times faster than aws-lc-rs on two cores; keep it out.
 if cargo tree --locked -e all -i aws-lc-rs >/dev/null 2>&1; then
   echo "aws-lc-rs is in the dependency tree: $(cargo tree --locked -e all -i aws-lc-rs | tail -n +2 | head -3)" >&2
   exit 1
 fi
+# Every dependency and dev-dependency in Cargo.toml is used: cargo-machete reads the sources,
+# no nightly needed. Built once (about a minute on two cores) into the benchmark tools' cache.
+# --with-metadata also checks dev-dependencies; it runs `cargo metadata`, which would quietly
+# update a stale Cargo.lock, so the lock is checked first.
+cargo metadata --locked --format-version 1 >/dev/null
+tools=${XDG_CACHE_HOME:-$HOME/.cache}/keybroker-bench
+machete=$(command -v cargo-machete || echo "$tools/bin/cargo-machete")
+if [ ! -x "$machete" ]; then
+  echo "==> building cargo-machete (cargo install, once)"
+  cargo install cargo-machete --version 0.9.2 --locked --quiet --root "$tools"
+fi
+"$machete" --with-metadata
 echo "==> cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 echo "==> cargo test"

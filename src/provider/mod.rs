@@ -292,12 +292,10 @@ pub fn resolve_expiry(
     }
 }
 
-/// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the form every server sends.
-fn httpdate_parse(s: &str) -> Result<OffsetDateTime, time::error::Parse> {
-    let format = time::macros::format_description!(
-        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
-    );
-    time::PrimitiveDateTime::parse(s, format).map(|t| t.assume_utc())
+/// Parses an HTTP `Date` (`Sun, 06 Nov 1994 08:49:37 GMT`, or one of the two obsolete forms
+/// RFC 9110 §5.6.7 still asks recipients to accept).
+fn httpdate_parse(s: &str) -> Result<OffsetDateTime, httpdate::Error> {
+    httpdate::parse_http_date(s).map(OffsetDateTime::from)
 }
 
 /// Truncates a provider's message for logs and errors, keeping it on one line.
@@ -427,5 +425,10 @@ mod tests {
             httpdate_parse("Mon, 23 Nov 2026 18:00:00 GMT").unwrap(),
             datetime!(2026-11-23 18:00:00 UTC)
         );
+        assert_eq!(
+            httpdate_parse("Mon Nov 23 18:00:00 2026").unwrap(),
+            datetime!(2026-11-23 18:00:00 UTC)
+        );
+        assert!(httpdate_parse("2026-11-23T18:00:00Z").is_err());
     }
 }
