@@ -1,4 +1,4 @@
-//! The command line (DESIGN.md §2).
+//! The command line (README, "Commands"): clap's definition, the one parser of it.
 
 use std::path::PathBuf;
 
@@ -38,16 +38,24 @@ pub enum Command {
         log_format: Option<LogFormat>,
     },
     /// Print a profile's credentials as credential_process JSON (for ~/.aws/config).
+    ///
+    /// Each flag takes the next word as its value even when it starts with `-`: a profile may
+    /// be named `-x`, and `--timeout -5s` gets the message about durations.
     CredentialProcess {
         /// The keybroker profile.
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         profile: String,
         /// Daemon socket [default: $KEYBROKER_SOCKET, else the per-user default].
-        #[arg(long, value_name = "PATH")]
+        #[arg(long, value_name = "PATH", allow_hyphen_values = true)]
         socket: Option<PathBuf>,
         /// How long to wait for the daemon's answer, e.g. 30s or 2m. The default is as long as
         /// the daemon waits for a cold profile's first key, plus a margin.
-        #[arg(long, value_name = "DURATION", default_value_t = default_timeout())]
+        #[arg(
+            long,
+            value_name = "DURATION",
+            default_value_t = default_timeout(),
+            allow_hyphen_values = true
+        )]
         timeout: String,
     },
     /// Show every profile's key, expiry, next renewal, state and last error.
@@ -130,9 +138,24 @@ pub enum Command {
 }
 
 /// `credential-process --timeout`'s default as written on the command line (main parses it
-/// with the given values).
+/// like a given value).
 fn default_timeout() -> String {
     humantime::format_duration(crate::client::CREDENTIALS_TIMEOUT).to_string()
+}
+
+/// The subcommand `args` name (the program's name first), also when clap refuses the rest of
+/// the line: a refused `credential-process` or `status` exits 1 like any client failure, other
+/// refused lines 64.
+pub fn named_subcommand<I, T>(args: I) -> Option<String>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let matches = <Cli as clap::CommandFactory>::command()
+        .ignore_errors(true)
+        .try_get_matches_from(args)
+        .ok()?;
+    matches.subcommand_name().map(str::to_owned)
 }
 
 /// Sections of keybroker(1) that clap does not describe: exit codes, environment and files.
@@ -191,4 +214,92 @@ pub fn man_pages() -> std::io::Result<Vec<(String, Vec<u8>)>> {
         pages.push((man.get_filename(), page));
     }
     Ok(pages)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn named(line: &str) -> Option<String> {
+        named_subcommand(std::iter::once("keybroker").chain(line.split_whitespace()))
+    }
+
+    /// `credential-process`'s flags in any order, `--flag value` or `--flag=value`, and values
+    /// that start with `-`: every form an `~/.aws/config` line may use.
+    #[test]
+    fn credential_process_reads_its_flags_in_every_form() {
+        let default = default_timeout();
+        assert_eq!(
+            crate::client::parse_timeout(&default),
+            Ok(crate::client::CREDENTIALS_TIMEOUT)
+        );
+        for (line, want) in [
+            ("--profile p", ("p", None, default.as_str())),
+            ("--profile=p", ("p", None, default.as_str())),
+            (
+                "--socket /s --profile p",
+                ("p", Some("/s"), default.as_str()),
+            ),
+            (
+                "--timeout=5s --socket=/s --profile=p",
+                ("p", Some("/s"), "5s"),
+            ),
+            ("--profile -p --timeout -5s", ("-p", None, "-5s")),
+            (
+                "--profile p --socket -s",
+                ("p", Some("-s"), default.as_str()),
+            ),
+        ] {
+            let args = ["keybroker", "credential-process"]
+                .into_iter()
+                .chain(line.split_whitespace());
+            let Command::CredentialProcess {
+                profile,
+                socket,
+                timeout,
+            } = Cli::try_parse_from(args).expect(line).command
+            else {
+                panic!("{line}: not credential-process");
+            };
+            let socket = socket.as_deref().map(|s| s.to_str().unwrap());
+            assert_eq!((profile.as_str(), socket, timeout.as_str()), want, "{line}");
+        }
+        for refused in [
+            "",
+            "--profile",
+            "--profile p --profile q",
+            "--profile p extra",
+        ] {
+            let args = ["keybroker", "credential-process"]
+                .into_iter()
+                .chain(refused.split_whitespace());
+            assert!(Cli::try_parse_from(args).is_err(), "{refused:?}");
+        }
+    }
+
+    #[test]
+    fn a_refused_line_still_names_its_subcommand() {
+        for (line, name) in [
+            ("credential-process", Some("credential-process")),
+            ("credential-process --profile", Some("credential-process")),
+            ("credential-process --bogus", Some("credential-process")),
+            (
+                "credential-process --profile p --profile q",
+                Some("credential-process"),
+            ),
+            (
+                "credential-process --profile p extra",
+                Some("credential-process"),
+            ),
+            ("status --bogus", Some("status")),
+            ("status --json --json", Some("status")),
+            ("serve --bogus-flag", Some("serve")),
+            ("completions tcsh", Some("completions")),
+            ("bogus", None),
+            ("", None),
+            ("--bogus status", None),
+        ] {
+            assert_eq!(named(line).as_deref(), name, "{line:?}");
+        }
+    }
 }

@@ -1,10 +1,13 @@
-//! `serve`: build providers, bind the socket, start the broker, serve, and on a stop signal
-//! shut down in a fixed, logged order within `shutdown_timeout` (DESIGN.md §6).
+//! `serve`: wire the config into providers, recover the state directory, bind the socket,
+//! start the broker, serve, and on a stop signal shut down in a fixed, logged order within
+//! `shutdown_timeout` (README, "Behaviour over time"). `keybroker sweep` reuses the wiring and
+//! the recovery.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +18,7 @@ use crate::broker::{Broker, BrokerOptions, ProfileSpec, StopReport};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::ledger::Ledger;
-use crate::recovery::{recover, Target};
+use crate::recovery::{recover, Recovery, Target};
 use crate::server::container::ContainerTokens;
 use crate::server::{self, Access, App, BoundSocket, Listener};
 
@@ -269,13 +272,51 @@ impl Running {
     }
 }
 
-/// Builds each profile's provider.
-pub fn profiles_from(config: &Config, clock: &Clock) -> Result<Vec<ProfileSpec>, DaemonError> {
-    config
-        .profiles
-        .values()
-        .map(|p| spec_from(p, clock))
-        .collect()
+/// What the daemon runs, wired from a config: each profile's provider, the socket and the
+/// state directory. `serve` runs it; `keybroker sweep` recovers its state directory.
+pub struct Setup {
+    /// The config it came from; the running config that a reload compares against.
+    pub config: Config,
+    /// Each profile's provider and policy, built before anything is touched: a configuration
+    /// error changes nothing.
+    pub profiles: Vec<ProfileSpec>,
+    /// The socket to bind, unless systemd passed one in `activated`.
+    pub socket: PathBuf,
+    /// The socket systemd passed (socket activation), taken before the runtime started.
+    pub activated: Option<UnixListener>,
+    /// The state directory: its lock, the ledger and the instance id.
+    pub state_dir: PathBuf,
+    /// `serve --dev`: keys live in memory only (the state directory is not touched) and
+    /// there is no config file for SIGHUP to read again.
+    pub dev: bool,
+}
+
+impl Setup {
+    /// Wires `config`: builds each profile's provider (a bad `ca_file` fails here), resolves the
+    /// socket and the state directory. Must run inside a tokio runtime.
+    pub fn new(config: Config, clock: &Clock) -> Result<Self, DaemonError> {
+        let profiles = config
+            .profiles
+            .values()
+            .map(|p| spec_from(p, clock))
+            .collect::<Result<_, _>>()?;
+        Ok(Setup {
+            profiles,
+            socket: crate::paths::resolve_socket(None, config.server.socket.as_deref()),
+            activated: None,
+            state_dir: crate::paths::resolve_state_dir(config.server.state_dir.as_deref()),
+            dev: false,
+            config,
+        })
+    }
+
+    /// `serve --dev`: the built-in `dev` profile, keys in memory only, nothing to reload.
+    pub fn dev(clock: &Clock) -> Result<Self, DaemonError> {
+        Ok(Setup {
+            dev: true,
+            ..Setup::new(crate::config::dev(), clock)?
+        })
+    }
 }
 
 /// One profile's provider and policy, ready for the broker.
@@ -319,9 +360,24 @@ pub struct State {
     pub tag_prefix: String,
 }
 
+/// Opens the state directory at `dir` and revokes what an earlier run left: the start-up
+/// recovery of `serve` (`daemon`: a daemon keeps running and adopts the keys it may keep) and
+/// the whole of `keybroker sweep`. The returned state holds the directory's lock.
+pub async fn recover_state(
+    dir: &Path,
+    profiles: &[ProfileSpec],
+    clock: &Clock,
+    daemon: bool,
+) -> Result<(State, Recovery), DaemonError> {
+    let state = open_state(dir)?;
+    let targets = targets(profiles);
+    let recovery = recover(&state.ledger, &targets, &state.tag_prefix, clock, daemon).await?;
+    Ok((state, recovery))
+}
+
 /// Opens the state directory: takes its lock, opens the ledger, and reads (or makes) the
 /// instance id that names this broker's keys.
-pub fn open_state(dir: &Path) -> Result<State, DaemonError> {
+fn open_state(dir: &Path) -> Result<State, DaemonError> {
     let ledger = Ledger::open(dir)?;
     let found = ledger
         .state_dir()
@@ -347,7 +403,7 @@ pub fn open_state(dir: &Path) -> Result<State, DaemonError> {
 const INSTANCE: &str = "instance";
 
 /// The recovery targets: each profile's provider and stop policy.
-pub fn targets(profiles: &[ProfileSpec]) -> BTreeMap<String, Target> {
+fn targets(profiles: &[ProfileSpec]) -> BTreeMap<String, Target> {
     profiles
         .iter()
         .map(|p| {
@@ -360,35 +416,27 @@ pub fn targets(profiles: &[ProfileSpec]) -> BTreeMap<String, Target> {
         .collect()
 }
 
-/// Runs the daemon until `stop` resolves, then shuts down. `profiles` were built from `config`
-/// (before anything was touched, so configuration errors change nothing). With a state
-/// directory, its lock is taken and what an earlier run left is recovered before serving.
-pub async fn run(
-    config: &Config,
-    config_path: Option<&Path>,
-    mut profiles: Vec<ProfileSpec>,
-    socket_path: &Path,
-    activated: Option<std::os::unix::net::UnixListener>,
-    state_dir: Option<&Path>,
-    stop: impl Future<Output = ()>,
-) -> Result<StopReport, DaemonError> {
+/// Runs the daemon `setup` describes until `stop` resolves, then shuts down. Outside dev mode,
+/// the state directory's lock is taken and what an earlier run left is recovered before
+/// serving.
+pub async fn run(setup: Setup, stop: impl Future<Output = ()>) -> Result<StopReport, DaemonError> {
     // Before anything else: SIGHUP's default action ends the process, and a reload may come
     // while the daemon is still starting (it is then carried out once start-up is done).
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(DaemonError::Listener)?;
+    let Setup {
+        config,
+        mut profiles,
+        socket,
+        activated,
+        state_dir,
+        dev,
+    } = setup;
     let mut broker = BrokerOptions::new(Clock::System);
-    if let Some(dir) = state_dir {
-        let state = open_state(dir)?;
-        let recovery = recover(
-            &state.ledger,
-            &targets(&profiles),
-            &state.tag_prefix,
-            &broker.clock,
-            true,
-        )
-        .await?;
+    if !dev {
+        let (state, recovery) = recover_state(&state_dir, &profiles, &broker.clock, true).await?;
         for line in &recovery.lines {
-            tracing::warn!(state_dir = %dir.display(), "recovery: {line}");
+            tracing::warn!(state_dir = %state_dir.display(), "recovery: {line}");
         }
         tracing::info!(revoked = recovery.revoked, unfinished = recovery.unfinished, ledger = %state.ledger.path().display(), "recovery done");
         let (mut adopted, mut unsettled) = (recovery.adopted, recovery.unsettled);
@@ -402,7 +450,7 @@ pub async fn run(
     let socket = match activated {
         Some(listener) => BoundSocket::activated(listener).map_err(DaemonError::Listener)?,
         None => server::bind_socket(
-            socket_path,
+            &socket,
             config.server.socket_mode,
             config.server.socket_group,
         )?,
@@ -410,13 +458,26 @@ pub async fn run(
     let socket_path = socket.path.clone();
     let names: Vec<String> = profiles.iter().map(|p| p.name.clone()).collect();
     let options = Options {
-        access: access_from(config),
+        access: access_from(&config),
         broker,
         shutdown_timeout: config.server.shutdown_timeout,
         container_listen: config.server.container_listen,
     };
-    let mut running = start(profiles, socket, options)?;
+    let running = start(profiles, socket, options)?;
     tracing::info!(socket = %socket_path.display(), profiles = ?names, "serving");
+    let reload_from = (!dev).then(|| config.path.clone());
+    Ok(serve_until(running, config, reload_from, hangup, stop).await)
+}
+
+/// Serves until `stop` resolves, reloading the config from `reload_from` on each SIGHUP, then
+/// stops `running`.
+async fn serve_until(
+    mut running: Running,
+    mut config: Config,
+    reload_from: Option<PathBuf>,
+    mut hangup: tokio::signal::unix::Signal,
+    stop: impl Future<Output = ()>,
+) -> StopReport {
     let heartbeat = CancellationToken::new();
     let mut stop = std::pin::pin!(stop);
     // READY=1 once every prewarmed profile has a key (or has failed once); a stop signal
@@ -428,19 +489,18 @@ pub async fn run(
     if !stopped_early {
         crate::systemd::ready(running.broker());
         crate::systemd::spawn_heartbeat(Arc::clone(running.broker()), heartbeat.clone());
-        let mut running_config = config.clone();
         loop {
             tokio::select! {
                 _ = &mut stop => break,
-                _ = hangup.recv() => match config_path {
-                    Some(path) => running.reload(&mut running_config, path).await,
+                _ = hangup.recv() => match &reload_from {
+                    Some(path) => running.reload(&mut config, path).await,
                     None => tracing::info!("SIGHUP: nothing to reload in dev mode"),
                 },
             }
         }
     }
     heartbeat.cancel();
-    Ok(running.stop().await)
+    running.stop().await
 }
 
 /// The most runtime worker threads the daemon runs.

@@ -1,74 +1,41 @@
-//! The `keybroker` binary: parse, dispatch, map outcomes to exit codes.
+//! The `keybroker` binary: clap parses, `main` dispatches and maps outcomes to exit codes. The
+//! tokio runtime is built only for `serve` and `sweep`: the client commands never start one.
 
 #![forbid(unsafe_code)]
 
 use std::io::Write;
+use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
+use keybroker::broker::StopReport;
 use keybroker::cli::{Cli, Command};
-use keybroker::{client, config, daemon, logging, paths};
+use keybroker::clock::Clock;
+use keybroker::config::{self, Config};
+use keybroker::{client, daemon, logging, paths};
 
 /// Bad usage or configuration (sysexits EX_USAGE).
 const EXIT_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
-    // aws-cli spawns `credential-process` for every command: its usual forms skip clap's
-    // set-up; anything else (help, a typo) goes through clap for the proper message.
-    if let Some(args) = fast_credential_process_args() {
-        return credential_process(
-            &args.profile,
-            args.socket.as_deref(),
-            args.timeout.as_deref(),
-        );
-    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
-                    ExitCode::SUCCESS
-                }
-                // aws-cli only needs non-zero; the contract says 1 for every client failure.
-                _ if matches!(
-                    std::env::args().nth(1).as_deref(),
-                    Some("credential-process" | "status")
-                ) =>
-                {
-                    ExitCode::FAILURE
-                }
-                _ => ExitCode::from(EXIT_USAGE),
-            };
-        }
+        Err(e) => return refused(&e),
     };
     match cli.command {
         Command::Serve {
             config,
             dev,
             log_format,
-        } => serve(config, dev, log_format),
-        Command::CheckConfig { config } => {
-            let path = paths::resolve_config_path(config.as_deref());
-            match config::load(&path) {
-                Ok(c) => {
-                    println!(
-                        "{}: ok ({} profiles: {})",
-                        path.display(),
-                        c.profiles.len(),
-                        c.profiles.keys().cloned().collect::<Vec<_>>().join(", ")
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail_usage(&format!("config {e}")),
-            }
-        }
-        Command::Sweep { config } => sweep(config),
+        } => serve(config.as_deref(), dev, log_format),
+        Command::CheckConfig { config } => check_config(config.as_deref()),
+        Command::Sweep { config } => sweep(config.as_deref()),
         Command::CredentialProcess {
             profile,
             socket,
             timeout,
-        } => credential_process(&profile, socket.as_deref(), Some(&timeout)),
+        } => credential_process(&profile, socket.as_deref(), &timeout),
+        Command::Status { socket, json } => status(socket.as_deref(), json),
         Command::Rotate { profile, socket } => {
             admin(socket.as_deref(), &profile, &client::AdminCall::Rotate)
         }
@@ -80,84 +47,225 @@ fn main() -> ExitCode {
             principal,
             yes,
             socket,
-        } => {
-            if !yes {
-                return fail_usage(&format!(
-                    "revoke-principal revokes EVERY key of {principal}: all keys minted with profile {profile}'s API token, on every node, and any other key of that principal. Nothing was done; add --yes to go ahead"
-                ));
-            }
-            admin(
-                socket.as_deref(),
-                &profile,
-                &client::AdminCall::RevokePrincipal(principal),
-            )
-        }
+        } => revoke_principal(socket.as_deref(), &profile, principal, yes),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "keybroker", &mut std::io::stdout());
             ExitCode::SUCCESS
         }
         Command::Man { dir } => man(dir.as_deref()),
-        Command::Status { socket, json } => {
-            let socket = paths::resolve_client_socket(socket.as_deref());
-            match client::status(&socket, json) {
-                Ok(healthy) => {
-                    if healthy {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    }
+    }
+}
+
+/// clap printed help or the version (0), or refused the command line: 1 for the client
+/// commands, whose contract is 1 for every failure (aws-cli only needs non-zero), else 64.
+fn refused(e: &clap::Error) -> ExitCode {
+    let _ = e.print();
+    match e.kind() {
+        clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+            ExitCode::SUCCESS
+        }
+        _ if matches!(
+            keybroker::cli::named_subcommand(std::env::args_os()).as_deref(),
+            Some("credential-process" | "status")
+        ) =>
+        {
+            ExitCode::FAILURE
+        }
+        _ => ExitCode::from(EXIT_USAGE),
+    }
+}
+
+fn fail(line: &str) -> ExitCode {
+    eprintln!("keybroker: {line}");
+    ExitCode::FAILURE
+}
+
+fn fail_usage(line: &str) -> ExitCode {
+    eprintln!("keybroker: {line}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+/// Reads and validates the config file `--config` (or its default) names; an invalid one is
+/// bad usage.
+fn load_config(flag: Option<&Path>) -> Result<Config, ExitCode> {
+    let path = paths::resolve_config_path(flag);
+    config::load(&path).map_err(|e| fail_usage(&format!("config {e}")))
+}
+
+/// The daemon's wiring of `config` (`None`: dev mode); a provider that cannot be set up is a
+/// configuration error.
+fn setup(config: Option<Config>, clock: &Clock) -> Result<daemon::Setup, ExitCode> {
+    let Some(config) = config else {
+        return daemon::Setup::dev(clock).map_err(|e| fail_usage(&format!("config <dev>: {e}")));
+    };
+    let path = config.path.clone();
+    daemon::Setup::new(config, clock)
+        .map_err(|e| fail_usage(&format!("config {}: {e}", path.display())))
+}
+
+fn runtime(mut builder: tokio::runtime::Builder) -> Result<tokio::runtime::Runtime, ExitCode> {
+    builder
+        .enable_all()
+        .build()
+        .map_err(|e| fail(&format!("cannot start the async runtime: {e}")))
+}
+
+/// `keybroker check-config`.
+fn check_config(flag: Option<&Path>) -> ExitCode {
+    let config = match load_config(flag) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let names: Vec<&str> = config.profiles.keys().map(String::as_str).collect();
+    println!(
+        "{}: ok ({} profiles: {})",
+        config.path.display(),
+        names.len(),
+        names.join(", ")
+    );
+    ExitCode::SUCCESS
+}
+
+/// `keybroker serve`: configuration errors exit 64 before anything is bound or minted.
+fn serve(
+    config_flag: Option<&Path>,
+    dev: bool,
+    log_format: Option<logging::LogFormat>,
+) -> ExitCode {
+    // Defence in depth: every file and directory the daemon makes is given its mode explicitly
+    // (README, "Files the daemon creates"), but nothing it makes is for others unless it says
+    // so; the unit sets UMask=0077 too.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    let config = match (!dev).then(|| load_config(config_flag)).transpose() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    logging::init(log_format);
+    daemon::raise_fd_limit();
+    // Socket activation: taken before the runtime's threads exist (it clears LISTEN_*).
+    let activated = match keybroker::systemd::activated_socket() {
+        Ok(listener) => listener,
+        Err(e) => return fail(&format!("socket passed by systemd: {e}")),
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // TOKIO_WORKER_THREADS still overrides.
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        builder.worker_threads(daemon::threads());
+    }
+    let runtime = match runtime(builder) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    runtime.block_on(async {
+        let mut setup = match setup(config, &Clock::System) {
+            Ok(s) => s,
+            Err(code) => return code,
+        };
+        setup.activated = activated;
+        if dev {
+            print_dev_banner(&setup.socket);
+        }
+        match daemon::run(setup, daemon::stop_signal()).await {
+            Err(e) => fail(&e.to_string()),
+            Ok(report) => stopped(&report),
+        }
+    })
+}
+
+/// 0 for a clean stop, else 1 and one line naming what was left for the next start.
+fn stopped(report: &StopReport) -> ExitCode {
+    if report.is_clean() {
+        return ExitCode::SUCCESS;
+    }
+    let mut left = Vec::new();
+    if !report.unrevoked.is_empty() {
+        let ids: Vec<String> = report
+            .unrevoked
+            .iter()
+            .map(|(id, why)| format!("{id} ({why})"))
+            .collect();
+        left.push(format!(
+            "{} keys left unrevoked; they stay valid until they expire: {}",
+            report.unrevoked.len(),
+            ids.join(", ")
+        ));
+    }
+    if !report.unsettled.is_empty() {
+        left.push(format!(
+            "{} creates whose key may exist or still land are unsettled (tags {}); the next start or keybroker sweep finds and revokes them",
+            report.unsettled.len(),
+            report.unsettled.join(", ")
+        ));
+    }
+    fail(&left.join("; "))
+}
+
+fn print_dev_banner(socket: &Path) {
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "keybroker".into());
+    let socket_arg = if paths::resolve_client_socket(None) == socket {
+        String::new()
+    } else {
+        format!(" --socket {}", socket.display())
+    };
+    println!(
+        "keybroker dev mode: profile \"dev\" on {}",
+        socket.display()
+    );
+    println!("Keys are made in process (no cloud); they expire and are revoked like real ones.");
+    println!("Add this to ~/.aws/config, then run: aws configure list --profile keybroker-dev\n");
+    println!("[profile keybroker-dev]");
+    println!("credential_process = {exe} credential-process --profile dev{socket_arg}\n");
+    println!("Stop with Ctrl-C: every key is revoked before exit.");
+    let _ = std::io::stdout().flush();
+}
+
+/// `keybroker sweep`: the start-up recovery of `serve`, offline: revoke every key an earlier
+/// run left.
+fn sweep(config_flag: Option<&Path>) -> ExitCode {
+    let config = match load_config(config_flag) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let runtime = match runtime(tokio::runtime::Builder::new_current_thread()) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    runtime.block_on(async {
+        let clock = Clock::System;
+        let setup = match setup(Some(config), &clock) {
+            Ok(s) => s,
+            Err(code) => return code,
+        };
+        let dir = &setup.state_dir;
+        match daemon::recover_state(dir, &setup.profiles, &clock, false).await {
+            Err(e) => fail(&e.to_string()),
+            Ok((_lock, done)) => {
+                for line in &done.lines {
+                    println!("{line}");
                 }
-                Err(line) => fail(&line),
+                println!(
+                    "sweep: {} keys revoked, {} left to finish (state {})",
+                    done.revoked,
+                    done.unfinished,
+                    dir.display()
+                );
+                if done.unfinished == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
             }
         }
-    }
-}
-
-/// The flags of `credential-process`, as the fast path reads them.
-struct CredentialProcessArgs {
-    profile: String,
-    socket: Option<std::path::PathBuf>,
-    /// `--timeout` as written; checked by [`credential_process`].
-    timeout: Option<String>,
-}
-
-/// `credential-process --profile P [--socket S] [--timeout T]` (any order, `--x=v` too), else
-/// `None`.
-fn fast_credential_process_args() -> Option<CredentialProcessArgs> {
-    let mut args = std::env::args_os().skip(1);
-    if args.next()? != "credential-process" {
-        return None;
-    }
-    let (mut profile, mut socket, mut timeout) = (None, None, None);
-    while let Some(arg) = args.next() {
-        let arg = arg.into_string().ok()?;
-        let (key, value) = match arg.split_once('=') {
-            Some((k, v)) => (k.to_string(), v.to_string()),
-            None => (arg, args.next()?.into_string().ok()?),
-        };
-        match key.as_str() {
-            "--profile" if profile.is_none() && !value.is_empty() => profile = Some(value),
-            "--socket" if socket.is_none() && !value.is_empty() => socket = Some(value.into()),
-            "--timeout" if timeout.is_none() && !value.is_empty() => timeout = Some(value),
-            _ => return None,
-        }
-    }
-    Some(CredentialProcessArgs {
-        profile: profile?,
-        socket,
-        timeout,
     })
 }
 
 /// `credential-process`: a bad `--timeout` is bad usage (64), whatever the daemon would say.
-fn credential_process(
-    profile: &str,
-    socket: Option<&std::path::Path>,
-    timeout: Option<&str>,
-) -> ExitCode {
-    let timeout = match timeout.map(client::parse_timeout).transpose() {
-        Ok(t) => t.unwrap_or(client::CREDENTIALS_TIMEOUT),
+fn credential_process(profile: &str, socket: Option<&Path>, timeout: &str) -> ExitCode {
+    let timeout = match client::parse_timeout(timeout) {
+        Ok(t) => t,
         Err(line) => return fail_usage(&line),
     };
     let socket = paths::resolve_client_socket(socket);
@@ -173,8 +281,49 @@ fn credential_process(
     }
 }
 
+/// `keybroker status`: 0 when every profile is healthy.
+fn status(socket: Option<&Path>, json: bool) -> ExitCode {
+    let socket = paths::resolve_client_socket(socket);
+    match client::status(&socket, json) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(line) => fail(&line),
+    }
+}
+
+/// `rotate`, `revoke`, `revoke-principal`: one call to the daemon, its outcome on stdout.
+fn admin(socket: Option<&Path>, profile: &str, call: &client::AdminCall) -> ExitCode {
+    let socket = paths::resolve_client_socket(socket);
+    match client::admin(&socket, profile, call) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(line) => fail(&line),
+    }
+}
+
+/// `revoke-principal`: refused without `--yes`.
+fn revoke_principal(
+    socket: Option<&Path>,
+    profile: &str,
+    principal: String,
+    yes: bool,
+) -> ExitCode {
+    if !yes {
+        return fail_usage(&format!(
+            "revoke-principal revokes EVERY key of {principal}: all keys minted with profile {profile}'s API token, on every node, and any other key of that principal. Nothing was done; add --yes to go ahead"
+        ));
+    }
+    admin(
+        socket,
+        profile,
+        &client::AdminCall::RevokePrincipal(principal),
+    )
+}
+
 /// `keybroker man [--dir DIR]`.
-fn man(dir: Option<&std::path::Path>) -> ExitCode {
+fn man(dir: Option<&Path>) -> ExitCode {
     let pages = match keybroker::cli::man_pages() {
         Ok(p) => p,
         Err(e) => return fail(&format!("rendering the man pages: {e}")),
@@ -196,190 +345,4 @@ fn man(dir: Option<&std::path::Path>) -> ExitCode {
         println!("{}", path.display());
     }
     ExitCode::SUCCESS
-}
-
-/// `rotate`, `revoke`, `revoke-principal`: one call to the daemon, its outcome on stdout.
-fn admin(socket: Option<&std::path::Path>, profile: &str, call: &client::AdminCall) -> ExitCode {
-    let socket = paths::resolve_client_socket(socket);
-    match client::admin(&socket, profile, call) {
-        Ok(text) => {
-            print!("{text}");
-            ExitCode::SUCCESS
-        }
-        Err(line) => fail(&line),
-    }
-}
-
-fn fail(line: &str) -> ExitCode {
-    eprintln!("keybroker: {line}");
-    ExitCode::FAILURE
-}
-
-fn fail_usage(line: &str) -> ExitCode {
-    eprintln!("keybroker: {line}");
-    ExitCode::from(EXIT_USAGE)
-}
-
-fn serve(
-    config_flag: Option<std::path::PathBuf>,
-    dev: bool,
-    log_format: Option<logging::LogFormat>,
-) -> ExitCode {
-    // Defence in depth: every file and directory the daemon makes is given its mode explicitly
-    // (README, "Files the daemon creates"), but nothing it makes is for others unless it says
-    // so; the unit sets UMask=0077 too.
-    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
-    let config = if dev {
-        config::dev()
-    } else {
-        let path = paths::resolve_config_path(config_flag.as_deref());
-        match config::load(&path) {
-            Ok(c) => c,
-            Err(e) => return fail_usage(&format!("config {e}")),
-        }
-    };
-    logging::init(log_format);
-    daemon::raise_fd_limit();
-    // Socket activation: taken before the runtime's threads exist (it clears LISTEN_*).
-    let activated = match keybroker::systemd::activated_socket() {
-        Ok(listener) => listener,
-        Err(e) => return fail(&format!("socket passed by systemd: {e}")),
-    };
-    let socket = paths::resolve_socket(None, config.server.socket.as_deref());
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    // TOKIO_WORKER_THREADS still overrides.
-    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-        builder.worker_threads(daemon::threads());
-    }
-    let runtime = match builder.enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
-    };
-    runtime.block_on(async {
-        let clock = keybroker::clock::Clock::System;
-        let profiles = match daemon::profiles_from(&config, &clock) {
-            Ok(p) => p,
-            Err(e) => return fail_usage(&format!("config {}: {e}", config.path.display())),
-        };
-        if dev {
-            print_dev_banner(&socket);
-        }
-        let state_dir =
-            (!dev).then(|| paths::resolve_state_dir(config.server.state_dir.as_deref()));
-        let config_path = (!dev).then(|| config.path.clone());
-        match daemon::run(
-            &config,
-            config_path.as_deref(),
-            profiles,
-            &socket,
-            activated,
-            state_dir.as_deref(),
-            daemon::stop_signal(),
-        )
-        .await
-        {
-            Err(e) => fail(&e.to_string()),
-            Ok(report) if report.is_clean() => ExitCode::SUCCESS,
-            Ok(report) => {
-                let mut left = Vec::new();
-                if !report.unrevoked.is_empty() {
-                    let ids: Vec<String> = report
-                        .unrevoked
-                        .iter()
-                        .map(|(id, why)| format!("{id} ({why})"))
-                        .collect();
-                    left.push(format!(
-                        "{} keys left unrevoked; they stay valid until they expire: {}",
-                        report.unrevoked.len(),
-                        ids.join(", ")
-                    ));
-                }
-                if !report.unsettled.is_empty() {
-                    left.push(format!(
-                        "{} creates whose key may exist or still land are unsettled (tags {}); the next start or keybroker sweep finds and revokes them",
-                        report.unsettled.len(),
-                        report.unsettled.join(", ")
-                    ));
-                }
-                fail(&left.join("; "))
-            }
-        }
-    })
-}
-
-fn print_dev_banner(socket: &std::path::Path) {
-    let exe = std::env::current_exe()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| "keybroker".into());
-    let socket_arg = if paths::resolve_client_socket(None) == socket {
-        String::new()
-    } else {
-        format!(" --socket {}", socket.display())
-    };
-    println!(
-        "keybroker dev mode: profile \"dev\" on {}",
-        socket.display()
-    );
-    println!("Keys are made in process (no cloud); they expire and are revoked like real ones.");
-    println!("Add this to ~/.aws/config, then run: aws configure list --profile keybroker-dev\n");
-    println!("[profile keybroker-dev]");
-    println!("credential_process = {exe} credential-process --profile dev{socket_arg}\n");
-    println!("Stop with Ctrl-C: every key is revoked before exit.");
-    let _ = std::io::stdout().flush();
-}
-
-/// `keybroker sweep`: the start-up recovery, offline: revoke every key an earlier run left.
-fn sweep(config_flag: Option<std::path::PathBuf>) -> ExitCode {
-    let path = paths::resolve_config_path(config_flag.as_deref());
-    let config = match config::load(&path) {
-        Ok(c) => c,
-        Err(e) => return fail_usage(&format!("config {e}")),
-    };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
-    };
-    runtime.block_on(async {
-        let clock = keybroker::clock::Clock::System;
-        let profiles = match daemon::profiles_from(&config, &clock) {
-            Ok(p) => p,
-            Err(e) => return fail_usage(&format!("config {}: {e}", config.path.display())),
-        };
-        let dir = paths::resolve_state_dir(config.server.state_dir.as_deref());
-        let state = match daemon::open_state(&dir) {
-            Ok(s) => s,
-            Err(e) => return fail(&e.to_string()),
-        };
-        let targets = daemon::targets(&profiles);
-        match keybroker::recovery::recover(
-            &state.ledger,
-            &targets,
-            &state.tag_prefix,
-            &clock,
-            false,
-        )
-        .await
-        {
-            Err(e) => fail(&e.to_string()),
-            Ok(done) => {
-                for line in &done.lines {
-                    println!("{line}");
-                }
-                println!(
-                    "sweep: {} keys revoked, {} left to finish (state {})",
-                    done.revoked,
-                    done.unfinished,
-                    dir.display()
-                );
-                if done.unfinished == 0 {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                }
-            }
-        }
-    })
 }
