@@ -376,11 +376,11 @@ fn revoke_entries(
     deadline: Instant,
     report: &mut StopReport,
 ) -> impl std::future::Future<Output = StopReport> {
-    let mut jobs = Vec::new();
+    let mut jobs = tokio::task::JoinSet::new();
     for entry in entries {
         for (key, held) in entry.slot.take_all() {
             if entry.revoke_on_shutdown || !held {
-                jobs.push(revoke_by(Arc::clone(&entry.slot), key, deadline));
+                jobs.spawn(revoke_by(Arc::clone(&entry.slot), key, deadline));
             } else {
                 tracing::info!(profile = entry.slot.name(), key_id = %key.handle.access_key_id, "left alive at stop (revoke_on_shutdown = false)");
                 report.kept.push(key.handle.access_key_id.clone());
@@ -389,7 +389,9 @@ fn revoke_entries(
     }
     async move {
         let mut out = StopReport::default();
-        for (id, result) in futures_join_all(jobs).await {
+        // In the order the revokes end; one that panicked is left out of both lists.
+        while let Some(joined) = jobs.join_next().await {
+            let Ok((id, result)) = joined else { continue };
             match result {
                 Ok(()) => out.revoked.push(id),
                 Err(why) => out.unrevoked.push((id, why)),
@@ -403,22 +405,6 @@ fn merge(into: &mut StopReport, from: StopReport) {
     into.revoked.extend(from.revoked);
     into.unrevoked.extend(from.unrevoked);
     into.kept.extend(from.kept);
-}
-
-async fn futures_join_all<F: std::future::Future + Send + 'static>(
-    futures: Vec<F>,
-) -> Vec<F::Output>
-where
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        if let Ok(v) = h.await {
-            out.push(v);
-        }
-    }
-    out
 }
 
 /// Revokes one key, retrying what a retry can fix, until `deadline`.
