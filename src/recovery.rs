@@ -150,16 +150,53 @@ impl Run<'_> {
         }
     }
 
+    /// A lease recovery could not finish: reported with `line`, and kept in the ledger.
+    fn keep(&mut self, lease: OpenLease, line: String) {
+        self.out.unfinished += 1;
+        self.line(line);
+        self.still_open.push(lease);
+    }
+
     /// A lease of a profile no longer configured: nothing can revoke its key.
     fn unconfigured(&mut self, lease: OpenLease) {
-        self.line(format!(
+        let line = format!(
             "lease {} of profile {} ({}): the profile is no longer configured, so its key cannot be revoked; kept in the ledger",
             lease.lease,
             lease.profile,
             lease.minted.as_ref().map_or("key unknown", |m| m.0.as_str())
-        ));
-        self.out.unfinished += 1;
-        self.still_open.push(lease);
+        );
+        self.keep(lease, line);
+    }
+
+    /// Revokes `key`, the key of `lease`, for `why`; reports `done` when that worked, and keeps
+    /// the lease when the provider refused.
+    async fn revoke_lease(
+        &mut self,
+        lease: OpenLease,
+        target: &Target,
+        key: &KeyHandle,
+        why: &str,
+        done: String,
+    ) -> Result<(), LedgerError> {
+        let profile = lease.profile.clone();
+        let revoked = self
+            .revoker(&profile, target)
+            .revoke_key(key, &lease.lease, why)
+            .await;
+        match revoked {
+            Ok(()) => {
+                self.out.revoked += 1;
+                self.line(done);
+            }
+            Err(RevokeError::Journal(e)) => return Err(e),
+            Err(RevokeError::Provider(e)) => {
+                let id = &key.access_key_id;
+                let line =
+                    format!("could not revoke {id} (profile {profile}): {e}; kept in the ledger");
+                self.keep(lease, line);
+            }
+        }
+        Ok(())
     }
 
     /// A lease whose create answered: its key is revoked by its handle, or, when the profile
@@ -193,28 +230,12 @@ impl Run<'_> {
                 return Ok(());
             }
         }
-        let revoked = self
-            .revoker(&profile, target)
-            .revoke_key(&key, &lease.lease, "left by an earlier run")
-            .await;
-        match revoked {
-            Ok(()) => {
-                self.out.revoked += 1;
-                self.line(format!(
-                    "revoked {key_id} (profile {profile}, lease {}): left by an earlier run",
-                    lease.lease
-                ));
-            }
-            Err(RevokeError::Journal(e)) => return Err(e),
-            Err(RevokeError::Provider(e)) => {
-                self.out.unfinished += 1;
-                self.line(format!(
-                    "could not revoke {key_id} (profile {profile}): {e}; kept in the ledger"
-                ));
-                self.still_open.push(lease);
-            }
-        }
-        Ok(())
+        let done = format!(
+            "revoked {key_id} (profile {profile}, lease {}): left by an earlier run",
+            lease.lease
+        );
+        self.revoke_lease(lease, target, &key, "left by an earlier run", done)
+            .await
     }
 
     /// A lease with only its intent written: its key, if the create made one, is found by its
@@ -227,9 +248,7 @@ impl Run<'_> {
             Ok(keys) => find_tagged(keys, &lease.tag).cloned(),
             Err(e) => {
                 let line = format!("lease {} of profile {profile}: listing keys to find it failed: {e}; kept in the ledger", lease.lease);
-                self.out.unfinished += 1;
-                self.line(line);
-                self.still_open.push(lease);
+                self.keep(lease, line);
                 return Ok(());
             }
         };
@@ -238,32 +257,13 @@ impl Run<'_> {
         };
         let id = &found.handle.access_key_id;
         self.handled.insert(id.clone());
-        let revoked = self
-            .revoker(&profile, target)
-            .revoke_key(
-                &found.handle,
-                &lease.lease,
-                "its create's answer was lost; found by its tag",
-            )
-            .await;
-        match revoked {
-            Ok(()) => {
-                self.out.revoked += 1;
-                self.line(format!(
-                    "revoked {id} (profile {profile}): its create's answer was lost; found by tag {}",
-                    lease.tag
-                ));
-            }
-            Err(RevokeError::Journal(e)) => return Err(e),
-            Err(RevokeError::Provider(e)) => {
-                self.out.unfinished += 1;
-                self.line(format!(
-                    "could not revoke {id} (profile {profile}): {e}; kept in the ledger"
-                ));
-                self.still_open.push(lease);
-            }
-        }
-        Ok(())
+        let done = format!(
+            "revoked {id} (profile {profile}): its create's answer was lost; found by tag {}",
+            lease.tag
+        );
+        let why = "its create's answer was lost; found by its tag";
+        self.revoke_lease(lease, target, &found.handle, why, done)
+            .await
     }
 
     /// No key carries the lease's tag: its create may still land (a daemon keeps looking; a
