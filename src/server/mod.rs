@@ -440,27 +440,25 @@ async fn connection(
     let conn = http.serve_connection(io, service(&app, route, &asked));
     tokio::pin!(conn);
     let ended = tokio::select! {
-        ended = conn.as_mut() => Some(ended),
-        _ = stop.cancelled() => None,
-    };
-    let ended = match ended {
-        Some(ended) => ended,
-        None => {
+        ended = conn.as_mut() => ended,
+        _ = stop.cancelled() => {
             // hyper closes an idle connection at once when told to shut down, and a new one
             // is idle until its request has been read: one that has not been asked anything
             // yet gets a moment for its request to arrive, and is answered with
             // `Connection: close`.
-            if !asked.load(Ordering::Relaxed) {
-                if let Ok(ended) = tokio::time::timeout(FIRST_REQUEST_AT_STOP, conn.as_mut()).await
-                {
-                    if let Err(e) = ended {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                    return;
+            let first = async {
+                if asked.load(Ordering::Relaxed) {
+                    return None;
+                }
+                tokio::time::timeout(FIRST_REQUEST_AT_STOP, conn.as_mut()).await.ok()
+            };
+            match first.await {
+                Some(ended) => ended,
+                None => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
                 }
             }
-            conn.as_mut().graceful_shutdown();
-            conn.await
         }
     };
     if let Err(e) = ended {
