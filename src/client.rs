@@ -9,6 +9,10 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::api::{
+    ErrorAnswer, PrincipalRequest, ProfileStatus, RevokeAnswer, RotateAnswer, StatusAnswer,
+};
+
 /// What the helper adds to the daemon's wait for a cold mint: connect, write the request,
 /// read the answer on a local socket.
 const EXCHANGE_MARGIN: Duration = Duration::from_secs(2);
@@ -42,10 +46,9 @@ pub struct Answer {
 impl Answer {
     /// The `error.message` of a JSON error body, or the body as text.
     pub fn error_message(&self) -> String {
-        serde_json::from_slice::<serde_json::Value>(&self.body)
-            .ok()
-            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-            .unwrap_or_else(|| String::from_utf8_lossy(&self.body).trim().to_string())
+        serde_json::from_slice::<ErrorAnswer>(&self.body)
+            .map(|a| a.error.message)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&self.body).trim().to_string())
     }
 }
 
@@ -328,7 +331,12 @@ pub fn admin(socket: &Path, profile: &str, call: &AdminCall) -> Result<String, S
         AdminCall::Revoke => ("revoke", None),
         AdminCall::RevokePrincipal(p) => (
             "revoke-principal",
-            Some(serde_json::json!({ "principal": p }).to_string()),
+            Some(
+                serde_json::to_string(&PrincipalRequest {
+                    principal: p.clone(),
+                })
+                .expect("serializes"),
+            ),
         ),
     };
     let answer = request(
@@ -345,47 +353,40 @@ pub fn admin(socket: &Path, profile: &str, call: &AdminCall) -> Result<String, S
             _ => format!("{action} {profile}: {message}"),
         });
     }
-    let v: serde_json::Value = serde_json::from_slice(&answer.body)
-        .map_err(|e| format!("{action} {profile}: unreadable answer from the daemon: {e}"))?;
-    let text = |k: &str| v[k].as_str().unwrap_or("-").to_string();
-    let ids = |k: &str| {
-        let ids: Vec<&str> = v[k]
-            .as_array()
-            .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
-            .unwrap_or_default();
-        if ids.is_empty() {
-            "none".to_string()
-        } else {
-            ids.join(", ")
+    let unreadable = |e: serde_json::Error| {
+        format!("{action} {profile}: unreadable answer from the daemon: {e}")
+    };
+    if *call == AdminCall::Rotate {
+        let answer: RotateAnswer = serde_json::from_slice(&answer.body).map_err(unreadable)?;
+        let new = answer.rotated;
+        let mut out = format!(
+            "profile {profile}: new key {}, expires {}\n",
+            new.key_id, new.expires_at
+        );
+        if let Some(old) = new.retired {
+            out.push_str(&format!(
+                "the old key {old} is retired: still valid for clients that fetched it, revoked when it expires\n"
+            ));
         }
+        return Ok(out);
+    }
+    let answer: RevokeAnswer = serde_json::from_slice(&answer.body).map_err(unreadable)?;
+    let revoked = match answer.revoked.as_slice() {
+        [] => "none".to_string(),
+        ids => ids.join(", "),
     };
     Ok(match call {
-        AdminCall::Rotate => {
-            let mut out = format!(
-                "profile {profile}: new key {}, expires {}\n",
-                text("key_id"),
-                text("expires_at")
-            );
-            if let Some(old) = v["retired"].as_str() {
-                out.push_str(&format!(
-                    "the old key {old} is retired: still valid for clients that fetched it, revoked when it expires\n"
-                ));
-            }
-            out
-        }
-        AdminCall::Revoke => format!(
-            "profile {profile}: revoked {}\nit serves no key (HTTP 503) until keybroker rotate {profile}\n",
-            ids("revoked")
-        ),
         AdminCall::RevokePrincipal(p) => format!(
-            "principal {p}: every key revoked by the provider\nprofile {profile}: its own keys dropped and revoked: {}\nit serves no key (HTTP 503) until keybroker rotate {profile}\n",
-            ids("revoked")
+            "principal {p}: every key revoked by the provider\nprofile {profile}: its own keys dropped and revoked: {revoked}\nit serves no key (HTTP 503) until keybroker rotate {profile}\n"
+        ),
+        _ => format!(
+            "profile {profile}: revoked {revoked}\nit serves no key (HTTP 503) until keybroker rotate {profile}\n"
         ),
     })
 }
 
-/// `keybroker status`: prints the table (or the JSON) and tells whether every profile is
-/// healthy (not degraded, not unavailable).
+/// `keybroker status`: prints the table (or the daemon's JSON) and tells whether every
+/// profile is healthy (not degraded, unavailable or revoked).
 pub fn status(socket: &Path, json: bool) -> Result<bool, String> {
     let answer = get(socket, "/v1/status", STATUS_TIMEOUT)?;
     if answer.status != 200 {
@@ -395,38 +396,32 @@ pub fn status(socket: &Path, json: bool) -> Result<bool, String> {
             answer.error_message()
         ));
     }
-    let value: serde_json::Value = serde_json::from_slice(&answer.body)
+    let status: StatusAnswer = serde_json::from_slice(&answer.body)
         .map_err(|e| format!("status: unreadable answer from the daemon: {e}"))?;
-    let profiles = value["profiles"].as_array().cloned().unwrap_or_default();
-    let healthy = profiles.iter().all(|p| {
-        !matches!(
-            p["state"].as_str(),
-            Some("degraded" | "unavailable" | "revoked")
-        )
-    });
+    let healthy = status.profiles.iter().all(|p| !p.slot.state.unhealthy());
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&value).unwrap_or_default()
-        );
+        // The daemon's own text, indented: fields this client does not know are kept.
+        let value: serde_json::Value = serde_json::from_slice(&answer.body)
+            .map_err(|e| format!("status: unreadable answer from the daemon: {e}"))?;
+        println!("{value:#}");
     } else {
-        print!("{}", status_table(&profiles));
+        print!("{}", status_table(&status.profiles));
     }
     Ok(healthy)
 }
 
 /// The status table, readable in 80 columns: one row per profile, and the last error (if
 /// any) on indented lines below it.
-pub fn status_table(profiles: &[serde_json::Value]) -> String {
-    let cell = |v: &serde_json::Value, width: usize| {
-        let s = v.as_str().unwrap_or("-");
+pub fn status_table(profiles: &[ProfileStatus]) -> String {
+    let cell = |s: Option<&str>, width: usize| {
+        let s = s.unwrap_or("-");
         if s.chars().count() > width {
             format!("{}…", s.chars().take(width - 1).collect::<String>())
         } else {
             s.to_string()
         }
     };
-    let span = |v: &serde_json::Value| v.as_i64().map_or("-".to_string(), short_duration);
+    let span = |v: Option<i64>| v.map_or("-".to_string(), short_duration);
     let row = |cols: [&str; 6]| {
         format!(
             "{:<14} {:<9} {:<20} {:>7} {:>7}  {}\n",
@@ -435,54 +430,38 @@ pub fn status_table(profiles: &[serde_json::Value]) -> String {
     };
     let mut out = row(["PROFILE", "PROVIDER", "KEY", "EXPIRES", "RENEWS", "STATE"]);
     for p in profiles {
+        let s = &p.slot;
         out.push_str(&row([
-            &cell(&p["name"], 14),
-            &cell(&p["provider"], 9),
-            &cell(&p["key_id"], 20),
-            &span(&p["expires_in_seconds"]),
-            &span(&p["renews_in_seconds"]),
-            &cell(&p["state"], 11),
+            &cell(Some(&p.name), 14),
+            &cell(Some(&p.provider), 9),
+            &cell(s.key_id.as_deref(), 20),
+            &span(s.expires_in_seconds),
+            &span(s.renews_in_seconds),
+            s.state.as_str(),
         ]));
-        if let Some(error) = p["last_error"].as_str() {
-            out.push_str(&wrap(&format!("last error: {error}"), "  ", 80));
+        let mut note = |text: String| out.push_str(&wrap(&text, "  ", 80));
+        if let Some(error) = &s.last_error {
+            note(format!("last error: {error}"));
         }
-        if let Some(blocked) = p["blocked"].as_str() {
-            out.push_str(&wrap(&format!("not minting: {blocked}"), "  ", 80));
+        if let Some(blocked) = &s.blocked {
+            note(format!("not minting: {blocked}"));
         }
-        for f in p["failing_revokes"].as_array().into_iter().flatten() {
-            out.push_str(&wrap(
-                &format!(
-                    "revoke of {} failed {} times ({}), next try {}: {}",
-                    f["key_id"].as_str().unwrap_or("?"),
-                    f["attempts"],
-                    f["kind"].as_str().unwrap_or("?"),
-                    f["next_attempt"].as_str().unwrap_or("?"),
-                    f["error"].as_str().unwrap_or("?")
-                ),
-                "  ",
-                80,
+        for f in &s.failing_revokes {
+            note(format!(
+                "revoke of {} failed {} times ({}), next try {}: {}",
+                f.key_id, f.attempts, f.kind, f.next_attempt, f.error
             ));
         }
-        if let Some(n) = p["retired_given_up"].as_u64().filter(|n| *n > 0) {
-            out.push_str(&wrap(
-                &format!("{n} retired keys that could not be revoked were given up on after they expired; the ledger keeps them for the next start or keybroker sweep"),
-                "  ",
-                80,
-            ));
+        if s.retired_given_up > 0 {
+            note(format!("{} retired keys that could not be revoked were given up on after they expired; the ledger keeps them for the next start or keybroker sweep", s.retired_given_up));
         }
-        for u in p["unsettled_creates"].as_array().into_iter().flatten() {
-            out.push_str(&wrap(
-                &format!(
-                    "unsettled create since {}: its key, if any, carries tag {}{}",
-                    u["since"].as_str().unwrap_or("?"),
-                    u["tag"].as_str().unwrap_or("?"),
-                    u["last_error"]
-                        .as_str()
-                        .map(|e| format!("; {e}"))
-                        .unwrap_or_default()
-                ),
-                "  ",
-                80,
+        for u in &s.unsettled_creates {
+            let error = u.last_error.as_ref().map(|e| format!("; {e}"));
+            note(format!(
+                "unsettled create since {}: its key, if any, carries tag {}{}",
+                u.since,
+                u.tag,
+                error.unwrap_or_default()
             ));
         }
     }
@@ -527,6 +506,7 @@ fn short_duration(seconds: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::{FailingRevoke, RevokeFailure, SlotStatus, State, UnsettledCreate};
 
     #[test]
     fn parses_complete_and_partial_answers() {
@@ -541,20 +521,37 @@ mod tests {
         );
     }
 
+    fn profile(name: &str, provider: &str, slot: SlotStatus) -> ProfileStatus {
+        ProfileStatus {
+            name: name.into(),
+            provider: provider.into(),
+            container_token_file: None,
+            slot,
+        }
+    }
+
     #[test]
     fn status_table_names_failing_revokes_and_unsettled_creates() {
-        let p = serde_json::json!({
-            "name": "archive", "provider": "crusoe", "key_id": "CKIA1", "state": "ready",
-            "expires_in_seconds": 3000, "renews_in_seconds": 1200,
-            "blocked": "profile archive: crusoe allows 2 keys per API user and they are in use",
-            "failing_revokes": [{"key_id": "CKIA0", "attempts": 3, "kind": "refused",
-                "error": "Crusoe delete key: HTTP 403 Forbidden: unauthorized",
-                "next_attempt": "2026-11-28T06:00:00Z"}],
-            "retired_given_up": 2,
-            "unsettled_creates": [{"tag": "keybroker-h-1-abc", "since": "2026-11-28T05:00:00Z",
-                "last_error": null}],
-        });
-        let table = status_table(&[p]);
+        let mut slot = SlotStatus::example(State::Ready);
+        slot.key_id = Some("CKIA1".into());
+        slot.expires_in_seconds = Some(3000);
+        slot.renews_in_seconds = Some(1200);
+        slot.blocked =
+            Some("profile archive: crusoe allows 2 keys per API user and they are in use".into());
+        slot.failing_revokes = vec![FailingRevoke {
+            key_id: "CKIA0".into(),
+            attempts: 3,
+            kind: RevokeFailure::Refused,
+            error: "Crusoe delete key: HTTP 403 Forbidden: unauthorized".into(),
+            next_attempt: "2026-11-28T06:00:00Z".into(),
+        }];
+        slot.retired_given_up = 2;
+        slot.unsettled_creates = vec![UnsettledCreate {
+            tag: "keybroker-h-1-abc".into(),
+            since: "2026-11-28T05:00:00Z".into(),
+            last_error: None,
+        }];
+        let table = status_table(&[profile("archive", "crusoe", slot)]);
         for want in [
             "not minting: profile archive",
             "revoke of CKIA0 failed 3 times (refused)",
@@ -569,12 +566,12 @@ mod tests {
 
     #[test]
     fn status_table_fits_80_columns_with_long_errors() {
-        let p = serde_json::json!({
-            "name": "a-rather-long-profile-name", "provider": "coreweave", "key_id": "CWABCDEFGHIJKLMN",
-            "expires_in_seconds": 3000, "renews_in_seconds": 1200, "state": "degraded",
-            "last_error": "CoreWeave create access key: HTTP 503 Service Unavailable: the object storage control plane is unavailable in this region, try again later"
-        });
-        let table = status_table(&[p]);
+        let mut slot = SlotStatus::example(State::Degraded);
+        slot.key_id = Some("CWABCDEFGHIJKLMN".into());
+        slot.expires_in_seconds = Some(3000);
+        slot.renews_in_seconds = Some(1200);
+        slot.last_error = Some("CoreWeave create access key: HTTP 503 Service Unavailable: the object storage control plane is unavailable in this region, try again later".into());
+        let table = status_table(&[profile("a-rather-long-profile-name", "coreweave", slot)]);
         assert!(table.lines().all(|l| l.chars().count() <= 80), "{table}");
         assert!(
             table.contains("a-rather-long… ") && table.contains("50m") && table.contains("20m"),

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
+use crate::api::State;
 use crate::provider::{KeyHandle, ListedKey, MintedKey, Provider, ProviderError, ProviderKind};
 
 /// Upper bounds (seconds) of the upstream latency histogram: provider calls take tens of
@@ -207,21 +208,9 @@ pub struct ProfileValues {
     pub failing_revokes: u64,
     /// Creates whose key may exist or still land.
     pub unsettled_creates: u64,
-    /// One of [`STATES`].
-    pub state: &'static str,
+    /// Its state.
+    pub state: State,
 }
-
-/// Every state a profile can be in, for the one-hot `keybroker_profile_state` gauge.
-pub const STATES: [&str; 8] = [
-    "cold",
-    "minting",
-    "ready",
-    "renewing",
-    "degraded",
-    "unavailable",
-    "revoked",
-    "stopped",
-];
 
 /// Renders a scrape.
 pub fn render(
@@ -321,7 +310,7 @@ fn render_profiles(out: &mut String, profiles: &[ProfileSample<'_>]) {
         "gauge",
     );
     for p in profiles {
-        for state in STATES {
+        for state in State::ALL {
             let _ = writeln!(
                 out,
                 "keybroker_profile_state{{{},state=\"{state}\"}} {}",
@@ -473,7 +462,7 @@ mod tests {
                 profile: "p",
                 provider: ProviderKind::Dev,
                 values: ProfileValues {
-                    state: "ready",
+                    state: State::Ready,
                     ..ProfileValues::default()
                 },
                 upstream: &stats,

@@ -7,6 +7,7 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::State;
 use crate::broker::Broker;
 
 /// How often STATUS= is refreshed when there is no watchdog to piggyback on.
@@ -21,7 +22,7 @@ fn notify(states: &[NotifyState]) {
 /// `STATUS=` line: how many profiles are in which state, and how many keys are held.
 pub fn status_line(broker: &Broker) -> String {
     let status = broker.status();
-    let count = |state: &str| status.iter().filter(|(_, _, s)| s.state == state).count();
+    let count = |state: State| status.iter().filter(|(_, _, s)| s.state == state).count();
     let keys: usize = status
         .iter()
         .map(|(_, _, s)| usize::from(s.key_id.is_some()) + s.retired_keys)
@@ -29,9 +30,9 @@ pub fn status_line(broker: &Broker) -> String {
     format!(
         "{} profiles: {} ready, {} degraded, {} unavailable; {keys} keys held",
         status.len(),
-        count("ready") + count("renewing"),
-        count("degraded"),
-        count("unavailable")
+        count(State::Ready) + count(State::Renewing),
+        count(State::Degraded),
+        count(State::Unavailable)
     )
 }
 

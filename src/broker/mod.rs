@@ -24,11 +24,11 @@ pub use listing::{find_tagged, lease_of};
 pub use policy::{backoff, retry_delay, RenewPolicy, BACKOFF_CAP, DEGRADED_FLOOR, RENEW_JITTER};
 pub use revoker::{RevokeError, Revoker};
 pub use slot::{
-    Adopted, Counters, CountersSnapshot, FailingRevoke, Pending, ReadyKey, RevokedKeys, Rotated,
-    ServedKeys, Slot, SlotContext, SlotStatus, Unavailable, UnsettledCreate, LANDING_GRACE,
-    MAX_RETIRED, REFUSED_REVOKE_RETRY, SETTLE_WAIT,
+    Adopted, Counters, Pending, ReadyKey, RevokedKeys, ServedKeys, Slot, SlotContext, Unavailable,
+    LANDING_GRACE, MAX_RETIRED, REFUSED_REVOKE_RETRY, SETTLE_WAIT,
 };
 
+use crate::api::{NotReady, SlotStatus, State};
 use crate::clock::Clock;
 use crate::provider::{Provider, ProviderKind};
 
@@ -130,19 +130,6 @@ impl StopReport {
     pub fn is_clean(&self) -> bool {
         self.unrevoked.is_empty() && self.unsettled.is_empty()
     }
-}
-
-/// A prewarmed profile that has no key to serve now (see [`Broker::not_ready`]). Nothing
-/// secret: no key id.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NotReady {
-    /// Profile name.
-    pub profile: String,
-    /// Its state word, as status shows it (`cold`, `minting`, `unavailable`, ...).
-    pub state: &'static str,
-    /// What keeps it from minting, or the provider's last error; `None` when nothing failed
-    /// (no mint started yet or one under way, an operator's revoke, a stop).
-    pub reason: Option<String>,
 }
 
 /// A running profile.
@@ -306,9 +293,10 @@ impl Broker {
             .collect()
     }
 
-    /// The prewarmed profiles that would not answer a request with a key now (readiness):
-    /// every state but `ready`, `renewing` and `degraded` (which serves the last key).
-    /// Profiles with `prewarm = false` mint on first request and are not listed.
+    /// The prewarmed profiles that would not answer a request with a key now (readiness),
+    /// with why: every state but `ready`, `renewing` and `degraded` (which serves the last
+    /// key). Profiles with `prewarm = false` mint on first request and are not listed. Nothing
+    /// secret: no key id.
     pub fn not_ready(&self) -> Vec<NotReady> {
         self.slots
             .load()
@@ -316,14 +304,15 @@ impl Broker {
             .filter(|(_, e)| e.prewarm)
             .filter_map(|(name, e)| {
                 let status = e.slot.status();
-                if matches!(status.state, "ready" | "renewing" | "degraded") {
+                if status.state.serves() {
                     return None;
                 }
                 let failed = |err| format!("the {} API failed: {err}", e.slot.provider().kind());
+                let reason = status.blocked.or(status.last_error.map(failed));
                 Some(NotReady {
                     profile: name.clone(),
                     state: status.state,
-                    reason: status.blocked.or(status.last_error.map(failed)),
+                    reason: reason.unwrap_or_else(|| no_key_reason(name, status.state)),
                 })
             })
             .collect()
@@ -437,4 +426,17 @@ async fn revoke_by(
         tracing::error!(profile = slot.name(), key_id = %id, error = %why, "could not revoke key at stop; it stays valid until it expires");
     }
     (id, outcome)
+}
+
+/// Why a profile in `state` has no key when nothing failed.
+fn no_key_reason(profile: &str, state: State) -> String {
+    match state {
+        State::Cold => "no key to serve: no mint has started yet".to_string(),
+        State::Minting => "no key to serve yet: a mint is under way".to_string(),
+        State::Revoked => {
+            format!("an operator revoked its keys; `keybroker rotate {profile}` mints a new one")
+        }
+        State::Stopped => "keybroker is stopping".to_string(),
+        _ => "no key it may serve".to_string(),
+    }
 }

@@ -31,13 +31,13 @@ use crate::metrics::{Timed, UpstreamStats};
 use crate::provider::{KeyHandle, Provider};
 
 pub use budget::ServedKeys;
-pub use lost::{Pending, UnsettledCreate, LANDING_GRACE, SETTLE_WAIT};
-pub use operator::{RevokedKeys, Rotated};
+pub use lost::{Pending, LANDING_GRACE, SETTLE_WAIT};
+pub use operator::RevokedKeys;
 use revoke::Retired;
-pub use revoke::{FailingRevoke, MAX_RETIRED, REFUSED_REVOKE_RETRY};
+pub use revoke::{MAX_RETIRED, REFUSED_REVOKE_RETRY};
 pub use serve::{ReadyKey, Unavailable};
 use state::State;
-pub use status::{Counters, CountersSnapshot, SlotStatus};
+pub use status::Counters;
 
 /// A profile's key slot.
 pub struct Slot {

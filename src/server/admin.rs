@@ -7,6 +7,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use super::{error_response, forbidden, json_ok, unknown_profile, App, Body, Peer};
+use crate::api::{PrincipalRequest, RevokeAnswer, RotateAnswer};
 
 /// How long an admin call waits for the provider (a rotation's mint, a revocation) before
 /// answering; what is under way goes on in the background.
@@ -39,17 +40,10 @@ pub(super) async fn admin(
         |message: &str| error_response(StatusCode::BAD_GATEWAY, "upstream_failed", message);
     match action {
         "rotate" => match slot.rotate(ADMIN_WAIT).await {
-            Ok(rotated) => {
-                let mut body = serde_json::json!({ "profile": profile });
-                body.as_object_mut().expect("an object").extend(
-                    serde_json::to_value(&rotated)
-                        .expect("serializes")
-                        .as_object()
-                        .cloned()
-                        .unwrap_or_default(),
-                );
-                json_ok(&body)
-            }
+            Ok(rotated) => json_ok(&RotateAnswer {
+                profile: profile.to_string(),
+                rotated,
+            }),
             Err(message) => upstream_failed(&message),
         },
         "revoke" => revoked_answer(profile, None, slot.revoke_all(ADMIN_WAIT).await),
@@ -105,11 +99,11 @@ async fn read_principal(req: Request<Incoming>) -> Result<String, String> {
         .await
         .map_err(|e| format!("reading the request body: {e}"))?
         .to_bytes();
-    let value: serde_json::Value = serde_json::from_slice(&body)
-        .map_err(|e| format!("the body must be JSON {{\"principal\": \"...\"}}: {e}"))?;
-    match value["principal"].as_str().map(str::trim) {
-        Some(p) if !p.is_empty() => Ok(p.to_string()),
-        _ => Err("the body must name the principal: {\"principal\": \"coreweave/...\"}".into()),
+    let request: PrincipalRequest = serde_json::from_slice(&body)
+        .map_err(|e| format!("the body must be JSON {{\"principal\": \"coreweave/...\"}}: {e}"))?;
+    match request.principal.trim() {
+        "" => Err("the body must name the principal: {\"principal\": \"coreweave/...\"}".into()),
+        p => Ok(p.to_string()),
     }
 }
 
@@ -120,11 +114,11 @@ fn revoked_answer(
     outcome: crate::broker::RevokedKeys,
 ) -> Response<Body> {
     if outcome.failed.is_empty() {
-        let mut body = serde_json::json!({ "profile": profile, "revoked": outcome.revoked });
-        if let Some(p) = principal {
-            body["principal"] = p.into();
-        }
-        return json_ok(&body);
+        return json_ok(&RevokeAnswer {
+            profile: profile.to_string(),
+            revoked: outcome.revoked,
+            principal: principal.map(str::to_string),
+        });
     }
     let failed: Vec<String> = outcome
         .failed

@@ -16,7 +16,8 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use rand::RngCore;
 
-use super::{json_response, App};
+use super::{json_body, json_response, App};
+use crate::api::ErrorBody;
 use crate::credentials::Secret;
 
 /// One profile's token and where it was written.
@@ -163,10 +164,14 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// An error in the shape the SDKs read from a container endpoint: `{"code", "message"}`.
+/// An error in the shape the SDKs read from a container endpoint: `{"code", "message"}`, the
+/// inside of the socket API's error answer.
 pub(super) fn sdk_error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
-    let body = serde_json::json!({ "code": code, "message": message }).to_string() + "\n";
-    json_response(status, Bytes::from(body))
+    let body = ErrorBody {
+        code: code.to_string(),
+        message: message.to_string(),
+    };
+    json_response(status, json_body(&body))
 }
 
 /// The answer to every request without the right token, whatever its path, method or profile:

@@ -28,6 +28,7 @@ pub use admin::ADMIN_WAIT;
 pub use conn::Limits;
 pub use socket::{bind_socket, BindError, BoundSocket};
 
+use crate::api::{ErrorAnswer, ErrorBody};
 use crate::broker::Broker;
 
 /// Who may read what.
@@ -195,10 +196,13 @@ pub(crate) fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
 
 /// `{"error": {"code": ..., "message": ...}}`.
 pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    let body = serde_json::json!({ "error": { "code": code, "message": message } });
-    let mut text = body.to_string();
-    text.push('\n');
-    json_response(status, Bytes::from(text))
+    let body = ErrorAnswer {
+        error: ErrorBody {
+            code: code.to_string(),
+            message: message.to_string(),
+        },
+    };
+    json_response(status, json_body(&body))
 }
 
 /// Answers one request from `peer`.
@@ -265,8 +269,15 @@ fn not_allowed(method: &Method, allow: &'static str) -> Response<Body> {
     resp
 }
 
-fn json_ok(body: &serde_json::Value) -> Response<Body> {
-    json_response(StatusCode::OK, Bytes::from(body.to_string() + "\n"))
+/// `value` as the JSON text of an answer, one line.
+fn json_body(value: &impl serde::Serialize) -> Bytes {
+    let mut text = serde_json::to_vec(value).expect("the API's types serialize");
+    text.push(b'\n');
+    Bytes::from(text)
+}
+
+fn json_ok(value: &impl serde::Serialize) -> Response<Body> {
+    json_response(StatusCode::OK, json_body(value))
 }
 
 fn unknown_profile(profile: &str) -> Response<Body> {

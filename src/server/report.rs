@@ -3,37 +3,20 @@
 use bytes::Bytes;
 use http::{Response, StatusCode};
 
-use super::{json_ok, json_response, App, Body};
+use super::{json_body, json_response, App, Body};
+use crate::api::{ProfileStatus, Readiness, SlotStatus, StatusAnswer};
 
 /// `GET /readyz`: 200 `{"ready": true}` when every prewarmed profile has a key it would serve
 /// now, else 503 naming those that have none and why. For any peer that can connect: it tells
 /// profile names and states, never a key id.
 pub(super) fn readiness(app: &App) -> Response<Body> {
-    let not_ready = app.broker.not_ready();
-    if not_ready.is_empty() {
-        return json_ok(&serde_json::json!({ "ready": true }));
+    let profiles = app.broker.not_ready();
+    let ready = profiles.is_empty();
+    let body = json_body(&Readiness { ready, profiles });
+    if ready {
+        return json_response(StatusCode::OK, body);
     }
-    let profiles: Vec<serde_json::Value> = not_ready
-        .into_iter()
-        .map(|p| {
-            let reason = p.reason.unwrap_or_else(|| match p.state {
-                "cold" => "no key to serve: no mint has started yet".to_string(),
-                "minting" => "no key to serve yet: a mint is under way".to_string(),
-                "revoked" => format!(
-                    "an operator revoked its keys; `keybroker rotate {}` mints a new one",
-                    p.profile
-                ),
-                "stopped" => "keybroker is stopping".to_string(),
-                _ => "no key it may serve".to_string(),
-            });
-            serde_json::json!({ "profile": p.profile, "state": p.state, "reason": reason })
-        })
-        .collect();
-    let body = serde_json::json!({ "ready": false, "profiles": profiles });
-    json_response(
-        StatusCode::SERVICE_UNAVAILABLE,
-        Bytes::from(body.to_string() + "\n"),
-    )
+    json_response(StatusCode::SERVICE_UNAVAILABLE, body)
 }
 
 pub(super) fn metrics_body(app: &App) -> String {
@@ -58,8 +41,8 @@ pub(super) fn metrics_body(app: &App) -> String {
 }
 
 /// A profile's status, in the numbers `/metrics` shows.
-impl From<&crate::broker::SlotStatus> for crate::metrics::ProfileValues {
-    fn from(status: &crate::broker::SlotStatus) -> Self {
+impl From<&SlotStatus> for crate::metrics::ProfileValues {
+    fn from(status: &SlotStatus) -> Self {
         let c = &status.counters;
         crate::metrics::ProfileValues {
             mints: c.mints,
@@ -78,23 +61,23 @@ impl From<&crate::broker::SlotStatus> for crate::metrics::ProfileValues {
 }
 
 pub(super) fn status_body(app: &App) -> Bytes {
-    let profiles: Vec<serde_json::Value> = app
+    let profiles = app
         .broker
         .status()
         .into_iter()
-        .map(|(name, provider, status)| {
-            let mut v = serde_json::to_value(&status).expect("status serializes");
-            if let Some(file) = app.container.as_ref().and_then(|t| t.file(&name)) {
-                v["container_token_file"] = file.display().to_string().into();
-            }
-            v["name"] = name.into();
-            v["provider"] = provider.as_str().into();
-            v
+        .map(|(name, provider, slot)| ProfileStatus {
+            container_token_file: app
+                .container
+                .as_ref()
+                .and_then(|t| t.file(&name))
+                .map(|file| file.display().to_string()),
+            name,
+            provider: provider.as_str().to_string(),
+            slot,
         })
         .collect();
-    let body = serde_json::json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "profiles": profiles,
-    });
-    Bytes::from(body.to_string() + "\n")
+    json_body(&StatusAnswer {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        profiles,
+    })
 }

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use keybroker::api::State;
 use keybroker::broker::{Broker, BrokerOptions, ProfileSpec, RenewPolicy, ServeError};
 use keybroker::clock::{positive, Clock};
 use keybroker::provider::Provider;
@@ -304,7 +305,7 @@ async fn degraded_then_unavailable_then_recovered() {
     let degraded = broker.get("p").await.expect("degraded serving");
     assert_eq!(degraded.handle, first.handle);
     let status = &broker.status()[0].2;
-    assert_eq!(status.state, "degraded");
+    assert_eq!(status.state, State::Degraded);
     assert!(
         status
             .last_error
@@ -491,7 +492,7 @@ async fn a_third_party_crusoe_key_is_never_touched_and_is_reported() {
             && error.contains("maximum of 2"),
         "{error}"
     );
-    assert_eq!(status.state, "degraded");
+    assert_eq!(status.state, State::Degraded);
     // Twenty minutes of failed renewals cost a bounded number of calls (backoff up to 60 s).
     assert!(
         creates_before <= 30,

@@ -123,7 +123,7 @@ async fn refused_revokes_keep_renewals_going_within_a_bounded_retired_list() {
             fake.keys()
         )
     });
-    assert_eq!(refused.kind, "refused");
+    assert_eq!(refused.kind, keybroker::api::RevokeFailure::Refused);
     assert!(
         refused
             .error

@@ -16,6 +16,7 @@ use time::OffsetDateTime;
 
 use super::revoke::Retired;
 use super::{ReadyKey, Slot};
+use crate::api::UnsettledCreate;
 use crate::broker::listing::find_tagged;
 use crate::credentials::format_expiration;
 use crate::provider::ProviderError;
@@ -51,17 +52,6 @@ pub(super) struct Lost {
     looks: u32,
     /// Why the last look failed, if it did.
     last_error: Option<String>,
-}
-
-/// An unsettled create, as status shows it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct UnsettledCreate {
-    /// The tag its key would carry.
-    pub tag: String,
-    /// When its request ended (RFC 3339).
-    pub since: String,
-    /// Why the last look for it failed, if it did.
-    pub last_error: Option<String>,
 }
 
 impl Lost {

@@ -9,7 +9,8 @@ use rand::Rng;
 use time::OffsetDateTime;
 
 use super::state::State;
-use super::{ReadyKey, Retired, Rotated, Slot};
+use super::{ReadyKey, Retired, Slot};
+use crate::api::Rotated;
 use crate::broker::policy::retry_delay;
 use crate::broker::Revoker;
 use crate::clock::positive;

@@ -6,17 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{ReadyKey, Retired, Slot};
-
-/// What `keybroker rotate` achieved.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Rotated {
-    /// The new key's id.
-    pub key_id: String,
-    /// Its expiry (RFC 3339).
-    pub expires_at: String,
-    /// The key it replaced, now retired: valid until its expiry, then revoked.
-    pub retired: Option<String>,
-}
+use crate::api::Rotated;
 
 /// What `keybroker revoke` achieved.
 #[derive(Debug, Clone, Default, serde::Serialize)]

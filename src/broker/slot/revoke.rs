@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::state::State;
 use super::{ReadyKey, Slot};
+use crate::api::{FailingRevoke, RevokeFailure};
 use crate::broker::policy::backoff;
 use crate::broker::RevokeError;
 use crate::credentials::format_expiration;
@@ -65,21 +66,6 @@ impl Retired {
             last_error: None,
         }
     }
-}
-
-/// A retired key whose revocation keeps failing, as status shows it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct FailingRevoke {
-    /// The key's id.
-    pub key_id: String,
-    /// Failed attempts so far.
-    pub attempts: u32,
-    /// `refused` (the provider said no: retried every 15 minutes) or `transient`.
-    pub kind: &'static str,
-    /// What the provider said.
-    pub error: String,
-    /// The next attempt (RFC 3339).
-    pub next_attempt: String,
 }
 
 /// Whether a provider's keys stop working by themselves at their expiry (GleSYS credentials
@@ -214,8 +200,10 @@ impl Slot {
                     key_id: r.key.handle.access_key_id.clone(),
                     attempts: r.failures,
                     kind: match e {
-                        ProviderError::Auth(_) | ProviderError::Rejected(_) => "refused",
-                        _ => "transient",
+                        ProviderError::Auth(_) | ProviderError::Rejected(_) => {
+                            RevokeFailure::Refused
+                        }
+                        _ => RevokeFailure::Transient,
                     },
                     error: e.to_string(),
                     next_attempt: format_expiration(r.revoke_at),

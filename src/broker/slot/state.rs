@@ -10,8 +10,8 @@
 
 use time::OffsetDateTime;
 
-use super::operator::Rotated;
 use super::revoke::Retired;
+use crate::api::{Rotated, State as Word};
 use crate::provider::ProviderError;
 
 /// A profile's place in the key lifecycle.
@@ -154,16 +154,16 @@ impl Phase {
     /// The state word status shows. `fresh`: the current key has at least `min_remaining`
     /// left; `usable`: it has more than the degraded floor left; `failing`: the last mint
     /// failed, or no mint may happen while no key is fresh.
-    pub(super) fn word(self, fresh: bool, usable: bool, failing: bool) -> &'static str {
+    pub(super) fn word(self, fresh: bool, usable: bool, failing: bool) -> Word {
         match self {
-            Phase::Closing { .. } | Phase::Stopped { .. } => "stopped",
-            Phase::Held { .. } => "revoked",
-            _ if failing && usable => "degraded",
-            _ if failing => "unavailable",
-            Phase::Minting if fresh => "renewing",
-            Phase::Minting => "minting",
-            Phase::Dormant | Phase::Idle if fresh => "ready",
-            Phase::Dormant | Phase::Idle => "cold",
+            Phase::Closing { .. } | Phase::Stopped { .. } => Word::Stopped,
+            Phase::Held { .. } => Word::Revoked,
+            _ if failing && usable => Word::Degraded,
+            _ if failing => Word::Unavailable,
+            Phase::Minting if fresh => Word::Renewing,
+            Phase::Minting => Word::Minting,
+            Phase::Dormant | Phase::Idle if fresh => Word::Ready,
+            Phase::Dormant | Phase::Idle => Word::Cold,
         }
     }
 }
@@ -246,23 +246,23 @@ mod tests {
     #[test]
     fn a_profile_goes_cold_minting_ready_renewing_ready() {
         let mut p = Phase::initial(false);
-        assert_eq!(p.word(false, false, false), "cold");
+        assert_eq!(p.word(false, false, false).as_str(), "cold");
         p.want();
         p.start_mint();
-        assert_eq!(p.word(false, false, false), "minting");
+        assert_eq!(p.word(false, false, false).as_str(), "minting");
         p.mint_ended();
-        assert_eq!(p.word(true, true, false), "ready");
+        assert_eq!(p.word(true, true, false).as_str(), "ready");
         p.start_mint();
-        assert_eq!(p.word(true, true, false), "renewing");
+        assert_eq!(p.word(true, true, false).as_str(), "renewing");
         p.mint_ended();
-        assert_eq!(p.word(true, true, false), "ready");
+        assert_eq!(p.word(true, true, false).as_str(), "ready");
     }
 
     #[test]
     fn a_failing_profile_is_degraded_while_its_key_is_usable() {
         for p in [Phase::Idle, Phase::Minting] {
-            assert_eq!(p.word(false, true, true), "degraded");
-            assert_eq!(p.word(false, false, true), "unavailable");
+            assert_eq!(p.word(false, true, true).as_str(), "degraded");
+            assert_eq!(p.word(false, false, true).as_str(), "unavailable");
         }
     }
 
@@ -277,7 +277,7 @@ mod tests {
                 minting: true
             }
         );
-        assert_eq!(p.word(true, true, true), "revoked");
+        assert_eq!(p.word(true, true, true).as_str(), "revoked");
         assert!(!p.may_mint() && !p.wants_key());
         p.release();
         assert_eq!(p, Phase::Minting);
@@ -291,7 +291,7 @@ mod tests {
     fn a_profile_that_left_service_stays_stopped() {
         let mut p = Phase::Idle;
         p.close();
-        assert_eq!(p.word(true, true, false), "stopped");
+        assert_eq!(p.word(true, true, false).as_str(), "stopped");
         p.hold(AT);
         p.release();
         p.want();
@@ -300,6 +300,6 @@ mod tests {
         p.stop();
         p.close();
         assert_eq!(p, Phase::Stopped { minting: false });
-        assert_eq!(p.word(false, false, true), "stopped");
+        assert_eq!(p.word(false, false, true).as_str(), "stopped");
     }
 }

@@ -1,9 +1,10 @@
-//! What status shows of a slot: its state word, key, schedule, retired keys, unsettled creates
+//! What status shows of a slot ([`SlotStatus`]): its state, key, schedule, retired keys, unsettled creates
 //! and counters.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{FailingRevoke, Slot, UnsettledCreate};
+use super::Slot;
+use crate::api::{CountersSnapshot, SlotStatus};
 use crate::credentials::format_expiration;
 
 /// Counters reported in status.
@@ -37,82 +38,6 @@ impl Counters {
             revoke_failures: get(&self.revoke_failures),
             degraded_serves: get(&self.degraded_serves),
             unavailable: get(&self.unavailable),
-        }
-    }
-}
-
-/// A copy of [`Counters`].
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct CountersSnapshot {
-    #[allow(missing_docs)]
-    pub mints: u64,
-    #[allow(missing_docs)]
-    pub renewals: u64,
-    #[allow(missing_docs)]
-    pub mint_failures: u64,
-    #[allow(missing_docs)]
-    pub revokes: u64,
-    #[allow(missing_docs)]
-    pub revoke_failures: u64,
-    #[allow(missing_docs)]
-    pub degraded_serves: u64,
-    #[allow(missing_docs)]
-    pub unavailable: u64,
-}
-
-/// What a status answer shows of a slot.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct SlotStatus {
-    /// `cold`, `minting`, `ready`, `renewing`, `degraded`, `unavailable`, `revoked` (by an
-    /// operator, until `keybroker rotate`) or `stopped`.
-    pub state: &'static str,
-    /// The current key's id.
-    pub key_id: Option<String>,
-    /// The current key's expiry (RFC 3339).
-    pub expires_at: Option<String>,
-    /// Seconds until it expires.
-    pub expires_in_seconds: Option<i64>,
-    /// Next scheduled renewal (RFC 3339).
-    pub next_renewal: Option<String>,
-    /// Seconds until then.
-    pub renews_in_seconds: Option<i64>,
-    /// Retired keys not yet revoked.
-    pub retired_keys: usize,
-    /// Retired keys whose revocation failed, with the provider's words; retried.
-    pub failing_revokes: Vec<FailingRevoke>,
-    /// Retired keys given up on in this run because more than
-    /// [`MAX_RETIRED`](super::MAX_RETIRED) could not be revoked (each had expired by itself;
-    /// the ledger keeps them for the next start).
-    pub retired_given_up: u64,
-    /// Creates whose outcome is unknown: their key, if it exists, is looked for by tag.
-    pub unsettled_creates: Vec<UnsettledCreate>,
-    /// Counters.
-    pub counters: CountersSnapshot,
-    /// The last failure, if the last attempt failed.
-    pub last_error: Option<String>,
-    /// What keeps the profile from minting although it needs a key: room under the
-    /// provider's key limit, or too many retired keys that could not be revoked.
-    pub blocked: Option<String>,
-}
-
-impl SlotStatus {
-    /// A status in `state` with no key, for tests of what renders it.
-    #[cfg(test)]
-    pub fn example(state: &'static str) -> Self {
-        SlotStatus {
-            state,
-            key_id: None,
-            expires_at: None,
-            expires_in_seconds: None,
-            next_renewal: None,
-            renews_in_seconds: None,
-            retired_keys: 0,
-            failing_revokes: Vec::new(),
-            retired_given_up: 0,
-            unsettled_creates: Vec::new(),
-            counters: Counters::default().snapshot(),
-            last_error: None,
-            blocked: None,
         }
     }
 }
