@@ -90,6 +90,10 @@ pub struct ProfileStatus {
     pub name: String,
     /// Its provider (`coreweave`, `crusoe`, `glesys`, `dev`).
     pub provider: String,
+    /// How it authenticates its mints, where its provider offers a choice (CoreWeave:
+    /// `api-token`, `oidc`, `saml`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<String>,
     /// The file holding its container endpoint token, when the endpoint is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_token_file: Option<String>,
@@ -105,6 +109,10 @@ pub struct SlotStatus {
     pub state: State,
     /// The current key's id.
     pub key_id: Option<String>,
+    /// Who owns the current key at the provider, when it said (CoreWeave: `coreweave/<uid>`,
+    /// `role/<iss>:<sub>`, `saml/<role>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal: Option<String>,
     /// The current key's expiry (RFC 3339).
     pub expires_at: Option<String>,
     /// Seconds until it expires.
@@ -138,6 +146,7 @@ impl SlotStatus {
         SlotStatus {
             state,
             key_id: None,
+            principal: None,
             expires_at: None,
             expires_in_seconds: None,
             next_renewal: None,
@@ -313,6 +322,7 @@ mod tests {
         let p = ProfileStatus {
             name: "p".into(),
             provider: "dev".into(),
+            auth: None,
             container_token_file: None,
             slot: SlotStatus::example(State::Ready),
         };

@@ -440,6 +440,12 @@ pub fn status_table(profiles: &[ProfileStatus]) -> String {
             s.state.as_str(),
         ]));
         let mut note = |text: String| out.push_str(&wrap(&text, "  ", 80));
+        if let Some(auth) = p.auth.as_deref().filter(|a| *a != "api-token") {
+            let principal = s.principal.as_deref().unwrap_or("-");
+            note(format!(
+                "auth {auth}: the current key belongs to {principal}"
+            ));
+        }
         if let Some(error) = &s.last_error {
             note(format!("last error: {error}"));
         }
@@ -525,6 +531,7 @@ mod tests {
         ProfileStatus {
             name: name.into(),
             provider: provider.into(),
+            auth: None,
             container_token_file: None,
             slot,
         }

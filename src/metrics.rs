@@ -128,6 +128,10 @@ impl Provider for Timed {
         self.inner.key_limit()
     }
 
+    fn auth(&self) -> Option<&'static str> {
+        self.inner.auth()
+    }
+
     async fn list_keys(&self) -> Result<Vec<ListedKey>, ProviderError> {
         self.time(Operation::List, self.inner.list_keys()).await
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::secret::read_secret;
+use super::secret::{read_secret, secret_path};
 use super::{
     group_id, ConfigError, Located, ProfileConfig, RawProfile, DEFAULT_LIFETIME,
     DEFAULT_MIN_REMAINING, SHORT_KEY_THRESHOLD,
@@ -91,11 +91,18 @@ fn refuse_foreign_keys(p: &Profile<'_>, raw: &RawProfile) -> Result<(), ConfigEr
     use ProviderKind::{Coreweave, Crusoe, Glesys};
     let provider = p.provider;
     let span = |v: &Option<Spanned<String>>| v.as_ref().map(Spanned::span);
-    let foreign: [(&str, Option<Range<usize>>, ProviderKind); 7] = [
+    let foreign: [(&str, Option<Range<usize>>, ProviderKind); 10] = [
         ("token_file", span(&raw.token_file), Coreweave),
+        ("auth", span(&raw.auth), Coreweave),
+        ("oidc_token_file", span(&raw.oidc_token_file), Coreweave),
+        (
+            "saml_assertion_file",
+            span(&raw.saml_assertion_file),
+            Coreweave,
+        ),
+        ("wif_config_id", span(&raw.wif_config_id), Coreweave),
         ("access_key_id", span(&raw.access_key_id), Crusoe),
         ("secret_key_file", span(&raw.secret_key_file), Crusoe),
-        ("org_id", span(&raw.org_id), Crusoe),
         ("project", span(&raw.project), Glesys),
         ("api_key_file", span(&raw.api_key_file), Glesys),
         ("instance_id", span(&raw.instance_id), Glesys),
@@ -106,6 +113,12 @@ fn refuse_foreign_keys(p: &Profile<'_>, raw: &RawProfile) -> Result<(), ConfigEr
                 return Err(p.at(span, format!("{key} does not apply to provider {provider}")));
             }
         }
+    }
+    if let (Some(org), false) = (&raw.org_id, matches!(provider, Crusoe | Coreweave)) {
+        return Err(p.at(
+            org.span(),
+            format!("org_id does not apply to provider {provider}"),
+        ));
     }
     if let (Some(v), false) = (&raw.mint_delay, provider == ProviderKind::Dev) {
         return Err(p.at(
@@ -129,14 +142,7 @@ fn refuse_foreign_keys(p: &Profile<'_>, raw: &RawProfile) -> Result<(), ConfigEr
 /// The secrets (and, for dev, the settings) the profile's provider needs.
 fn credentials(p: &Profile<'_>, raw: &RawProfile) -> Result<ProviderCredentials, ConfigError> {
     match p.provider {
-        ProviderKind::Coreweave => {
-            let Some(file) = &raw.token_file else {
-                return Err(p.needs("token_file (the CoreWeave API access token)"));
-            };
-            Ok(ProviderCredentials::Coreweave {
-                token: read_secret(p.loc, file, "token_file")?,
-            })
-        }
+        ProviderKind::Coreweave => coreweave_credentials(p, raw),
         ProviderKind::Crusoe => crusoe_credentials(p, raw),
         ProviderKind::Glesys => glesys_credentials(p, raw),
         ProviderKind::Dev => Ok(ProviderCredentials::Dev {
@@ -146,6 +152,87 @@ fn credentials(p: &Profile<'_>, raw: &RawProfile) -> Result<ProviderCredentials,
             },
         }),
     }
+}
+
+/// CoreWeave's `auth` mode and what it needs: `api-token` (the default) mints with the API
+/// access token; `oidc` and `saml` exchange an identity read from a file at each mint, and use
+/// the token only to revoke and list.
+fn coreweave_credentials(
+    p: &Profile<'_>,
+    raw: &RawProfile,
+) -> Result<ProviderCredentials, ConfigError> {
+    let mode = raw
+        .auth
+        .as_ref()
+        .map_or("api-token", |a| a.get_ref().as_str());
+    let only_with = |value: &Option<Spanned<String>>, key: &str, modes: &str| match value {
+        Some(v) => Err(p.at(
+            v.span(),
+            format!(
+                "{key} applies only with auth = {modes}, and this profile has auth = \"{mode}\""
+            ),
+        )),
+        None => Ok(()),
+    };
+    let exchange = match mode {
+        "api-token" => {
+            only_with(&raw.org_id, "org_id", "\"oidc\" or \"saml\"")?;
+            None
+        }
+        "oidc" | "saml" => {
+            let org_id = raw.org_id.as_ref().ok_or_else(|| {
+                p.needs(&format!("org_id with auth = \"{mode}\" (the organization id, on the Cloud Console's Settings page)"))
+            })?;
+            let org_id = org_id.get_ref().clone();
+            Some(if mode == "oidc" {
+                let file = raw.oidc_token_file.as_ref().ok_or_else(|| {
+                    p.needs("oidc_token_file with auth = \"oidc\" (the file your identity provider writes the token to)")
+                })?;
+                crate::provider::coreweave::wif::Exchange::Oidc {
+                    org_id,
+                    token_file: secret_path(p.loc, file, "oidc_token_file")?,
+                }
+            } else {
+                let file = raw.saml_assertion_file.as_ref().ok_or_else(|| {
+                    p.needs("saml_assertion_file with auth = \"saml\" (the file holding the base64 SAML response)")
+                })?;
+                let config_id = raw.wif_config_id.as_ref().ok_or_else(|| {
+                    p.needs("wif_config_id with auth = \"saml\" (the WIF configuration's id)")
+                })?;
+                crate::provider::coreweave::wif::Exchange::Saml {
+                    org_id,
+                    assertion_file: secret_path(p.loc, file, "saml_assertion_file")?,
+                    config_id: config_id.get_ref().clone(),
+                }
+            })
+        }
+        other => {
+            let span = raw.auth.as_ref().map_or(p.table.clone(), Spanned::span);
+            return Err(p.at(
+                span,
+                format!("auth {other:?} is not one of \"api-token\", \"oidc\", \"saml\""),
+            ));
+        }
+    };
+    if mode != "oidc" {
+        only_with(&raw.oidc_token_file, "oidc_token_file", "\"oidc\"")?;
+    }
+    if mode != "saml" {
+        only_with(&raw.saml_assertion_file, "saml_assertion_file", "\"saml\"")?;
+        only_with(&raw.wif_config_id, "wif_config_id", "\"saml\"")?;
+    }
+    let Some(file) = &raw.token_file else {
+        return Err(p.needs(match exchange {
+            None => "token_file (the CoreWeave API access token)",
+            // Keys minted without a token could not be revoked; running without one is not
+            // supported yet.
+            Some(_) => "token_file, also with auth = \"oidc\" or \"saml\": keybroker revokes the keys it minted, and looks for keys by tag, with that API access token",
+        }));
+    };
+    Ok(ProviderCredentials::Coreweave {
+        token: read_secret(p.loc, file, "token_file")?,
+        exchange,
+    })
 }
 
 fn crusoe_credentials(

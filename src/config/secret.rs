@@ -19,21 +19,8 @@ pub(super) fn read_secret(
     value: &Spanned<String>,
     key: &str,
 ) -> Result<Secret, ConfigError> {
-    let raw = value.get_ref();
-    let credential = !raw.contains('/');
-    let path = if !credential {
-        loc.beside_config(PathBuf::from(raw))
-    } else {
-        match std::env::var_os("CREDENTIALS_DIRECTORY") {
-            Some(dir) => PathBuf::from(dir).join(raw),
-            None => {
-                return Err(loc.at(
-                    value.span(),
-                    format!("{key} {raw:?} has no '/', so it names a systemd credential, but $CREDENTIALS_DIRECTORY is not set; give a path such as \"/etc/keybroker/{raw}\""),
-                ))
-            }
-        }
-    };
+    let path = secret_path(loc, value, key)?;
+    let credential = !value.get_ref().contains('/');
     let err = |what: String| loc.at(value.span(), format!("{key} {}: {what}", path.display()));
     // Checked and read through one descriptor, so the file checked is the file read.
     let mut file = std::fs::File::open(&path).map_err(|e| err(e.to_string()))?;
@@ -47,6 +34,26 @@ pub(super) fn read_secret(
         return Err(err("the file is empty".into()));
     }
     Ok(Secret::new(secret))
+}
+
+/// Where a file named by `key` is: `name` without '/' in `$CREDENTIALS_DIRECTORY`, a relative
+/// path beside the config file.
+pub(super) fn secret_path(
+    loc: &Located<'_>,
+    value: &Spanned<String>,
+    key: &str,
+) -> Result<PathBuf, ConfigError> {
+    let raw = value.get_ref();
+    if raw.contains('/') {
+        return Ok(loc.beside_config(PathBuf::from(raw)));
+    }
+    match std::env::var_os("CREDENTIALS_DIRECTORY") {
+        Some(dir) => Ok(PathBuf::from(dir).join(raw)),
+        None => Err(loc.at(
+            value.span(),
+            format!("{key} {raw:?} has no '/', so it names a systemd credential, but $CREDENTIALS_DIRECTORY is not set; give a path such as \"/etc/keybroker/{raw}\""),
+        )),
+    }
 }
 
 /// No access for group or others. `credential`: the file came from `$CREDENTIALS_DIRECTORY`.

@@ -1,8 +1,13 @@
 //! CoreWeave AI Object Storage (https://docs.coreweave.com/products/storage/object-storage/reference/object-storage-api-ref; README, "Providers").
 //!
-//! Mint: `POST /v1/cwobject/access-key` with `durationSeconds` and an `attributes` tag; revoke:
-//! `POST /v1/cwobject/revoke-access-key/access-key` with the key id; the operator's panic
-//! button: `POST /v1/cwobject/revoke-access-key/principal`. Bearer token auth.
+//! Mint: `POST /v1/cwobject/access-key` with `durationSeconds` and an `attributes` tag, under
+//! the API access token (`auth = "api-token"`), or an exchange of the workload's own identity
+//! ([`wif`], `auth = "oidc"` or `"saml"`); revoke: `POST
+//! /v1/cwobject/revoke-access-key/access-key` with the key id; the operator's panic button:
+//! `POST /v1/cwobject/revoke-access-key/principal`. Revoking and listing always take the API
+//! access token.
+
+pub mod wif;
 
 use std::time::Duration;
 
@@ -25,22 +30,31 @@ pub const DEFAULT_ENDPOINT: &str = "https://api.coreweave.com";
 /// The attribute key that carries the broker's lease tag on every key.
 pub const TAG_ATTRIBUTE: &str = "keybroker-lease";
 
-/// A CoreWeave account reached with one API access token.
+/// A CoreWeave account: keys minted with its API access token, or exchanged for the
+/// workload's identity.
 #[derive(Debug)]
 pub struct CoreWeave {
     http: HttpClient,
     endpoint: String,
+    /// The API access token: it mints under `auth = "api-token"`, and revokes and lists.
     token: Secret,
+    /// Where keys come from under `auth = "oidc"` or `"saml"`.
+    exchange: Option<wif::Exchange>,
     clock: Clock,
 }
 
+/// A minted key. Older pages spell `accessKeyID`; the container-credentials shape
+/// (`AccessKeyId`, `SecretAccessKey`, `Expiration`) is accepted too.
 #[derive(Deserialize)]
 struct CreateResponse {
-    #[serde(rename = "accessKeyId", alias = "accessKeyID")]
+    #[serde(rename = "accessKeyId", alias = "accessKeyID", alias = "AccessKeyId")]
     access_key_id: Option<String>,
-    #[serde(rename = "secretKey")]
+    #[serde(rename = "secretKey", alias = "SecretAccessKey")]
     secret_key: Option<String>,
+    #[serde(alias = "Expiration")]
     expiry: Option<String>,
+    #[serde(rename = "principalName")]
+    principal_name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -49,14 +63,119 @@ struct Status {
 }
 
 impl CoreWeave {
-    /// A provider for the API at `endpoint` using the bearer `token`.
+    /// A provider for the API at `endpoint` using the bearer `token` for every call.
     pub fn new(http: HttpClient, endpoint: &str, token: Secret, clock: Clock) -> Self {
         CoreWeave {
             http,
             endpoint: endpoint.trim_end_matches('/').to_string(),
             token,
+            exchange: None,
             clock,
         }
+    }
+
+    /// A provider that mints by `exchange` and revokes and lists with `token`.
+    pub fn federated(
+        http: HttpClient,
+        endpoint: &str,
+        exchange: wif::Exchange,
+        token: Secret,
+        clock: Clock,
+    ) -> Self {
+        CoreWeave {
+            exchange: Some(exchange),
+            ..CoreWeave::new(http, endpoint, token, clock)
+        }
+    }
+
+    /// Sends `body` to `path` without credentials: the identity in the body is the credential.
+    async fn post_anonymous(
+        &self,
+        path: &str,
+        body: &Secret,
+    ) -> Result<HttpResponse, ProviderError> {
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("{}{path}", self.endpoint))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::ACCEPT, "application/json")
+            .body(Bytes::from(body.expose().to_string()))
+            .map_err(|e| ProviderError::Rejected(format!("bad request to {path}: {e}")))?;
+        self.http.send(req).await
+    }
+
+    /// Mints by exchanging the workload's identity.
+    async fn exchange(
+        &self,
+        exchange: &wif::Exchange,
+        tag: &str,
+        seconds: u64,
+    ) -> Result<MintedKey, ProviderError> {
+        let request = exchange.request(seconds, tag, self.clock.now())?;
+        let mode = exchange.mode();
+        let call = format!("{} exchange", mode.to_uppercase());
+        let sent_at = self.clock.now();
+        let resp = self.post_anonymous(request.path, &request.body).await?;
+        if !resp.status.is_success() {
+            let base = super::refused_create(resp.status, status_error(&call, &resp));
+            return Err(wif::refused(&request, mode, resp.status, base));
+        }
+        self.minted(&call, &resp, seconds, sent_at).await
+    }
+
+    /// The key in a create's answer. One that cannot be served (no expiry) is revoked at once.
+    async fn minted(
+        &self,
+        call: &str,
+        resp: &HttpResponse,
+        seconds: u64,
+        sent_at: OffsetDateTime,
+    ) -> Result<MintedKey, ProviderError> {
+        let body: CreateResponse = serde_json::from_slice(&resp.body).map_err(|e| {
+            ProviderError::Malformed(format!("CoreWeave {call}: unreadable answer: {e}"))
+        })?;
+        let secret = body.secret_key.filter(|s| !s.is_empty()).map(Secret::new);
+        let (Some(access_key_id), Some(secret)) =
+            (body.access_key_id.filter(|s| !s.is_empty()), secret)
+        else {
+            return Err(ProviderError::Malformed(format!(
+                "CoreWeave {call}: answer lacks accessKeyId or secretKey"
+            )));
+        };
+        let expiry = match parse_expiry(body.expiry.as_deref()) {
+            Ok(Some(expiry)) => expiry,
+            outcome => {
+                // The key exists but cannot be served: take it back before reporting.
+                let handle = KeyHandle {
+                    access_key_id: access_key_id.clone(),
+                    revoke_handle: access_key_id.clone(),
+                };
+                if let Err(e) = self.revoke(&handle).await {
+                    tracing::error!(key_id = %access_key_id, error = %e, "could not revoke an unusable key");
+                }
+                return Err(match outcome {
+                    Err(e) => e,
+                    _ => ProviderError::Malformed(format!(
+                        "CoreWeave created key {access_key_id} without an expiry although {seconds}s was asked; it was revoked"
+                    )),
+                });
+            }
+        };
+        let expires_at = resolve_expiry(
+            Some(expiry),
+            sent_at,
+            Duration::from_secs(seconds),
+            resp.headers.get(http::header::DATE),
+            &self.clock,
+        );
+        Ok(MintedKey {
+            revoke_handle: access_key_id.clone(),
+            access_key_id,
+            secret,
+            session_token: None,
+            expires_at,
+            principal: body.principal_name.filter(|p| !p.is_empty()),
+        })
     }
 
     async fn post(
@@ -108,10 +227,21 @@ impl Provider for CoreWeave {
         ProviderKind::Coreweave
     }
 
+    fn auth(&self) -> Option<&'static str> {
+        Some(
+            self.exchange
+                .as_ref()
+                .map_or("api-token", wif::Exchange::mode),
+        )
+    }
+
     async fn mint(&self, tag: &str, lifetime: Duration) -> Result<MintedKey, ProviderError> {
         // Never 0: that asks CoreWeave for a permanent key. Config validation keeps lifetime in
         // 1..=43200 s; the clamp is the last line of defence.
         let seconds = lifetime.as_secs().clamp(1, 43_200);
+        if let Some(exchange) = &self.exchange {
+            return self.exchange(exchange, tag, seconds).await;
+        }
         let sent_at = self.clock.now();
         let resp = self
             .post(
@@ -128,52 +258,8 @@ impl Provider for CoreWeave {
                 status_error("create access key", &resp),
             ));
         }
-        let body: CreateResponse = serde_json::from_slice(&resp.body).map_err(|e| {
-            ProviderError::Malformed(format!(
-                "CoreWeave create access key: unreadable answer: {e}"
-            ))
-        })?;
-        let secret = body.secret_key.filter(|s| !s.is_empty()).map(Secret::new);
-        let (Some(access_key_id), Some(secret)) =
-            (body.access_key_id.filter(|s| !s.is_empty()), secret)
-        else {
-            return Err(ProviderError::Malformed(
-                "CoreWeave create access key: answer lacks accessKeyId or secretKey".into(),
-            ));
-        };
-        let expiry = match parse_expiry(body.expiry.as_deref()) {
-            Ok(Some(expiry)) => expiry,
-            outcome => {
-                // The key exists but cannot be served: take it back before reporting.
-                let handle = KeyHandle {
-                    access_key_id: access_key_id.clone(),
-                    revoke_handle: access_key_id.clone(),
-                };
-                if let Err(e) = self.revoke(&handle).await {
-                    tracing::error!(key_id = %access_key_id, error = %e, "could not revoke an unusable key");
-                }
-                return Err(match outcome {
-                    Err(e) => e,
-                    _ => ProviderError::Malformed(format!(
-                        "CoreWeave created key {access_key_id} without an expiry although {seconds}s was asked; it was revoked"
-                    )),
-                });
-            }
-        };
-        let expires_at = resolve_expiry(
-            Some(expiry),
-            sent_at,
-            Duration::from_secs(seconds),
-            resp.headers.get(http::header::DATE),
-            &self.clock,
-        );
-        Ok(MintedKey {
-            revoke_handle: access_key_id.clone(),
-            access_key_id,
-            secret,
-            session_token: None,
-            expires_at,
-        })
+        self.minted("create access key", &resp, seconds, sent_at)
+            .await
     }
 
     async fn list_keys(&self) -> Result<Vec<ListedKey>, ProviderError> {

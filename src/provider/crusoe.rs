@@ -502,6 +502,7 @@ impl Provider for Crusoe {
             secret,
             session_token: None,
             revoke_handle: handle.revoke_handle,
+            principal: None,
         })
     }
 

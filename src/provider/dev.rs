@@ -84,6 +84,7 @@ impl Provider for Dev {
             secret,
             session_token: None,
             expires_at,
+            principal: None,
         })
     }
 

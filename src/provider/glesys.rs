@@ -220,6 +220,7 @@ impl Provider for Glesys {
             secret,
             session_token: None,
             revoke_handle: c.id,
+            principal: None,
         })
     }
 

@@ -192,6 +192,9 @@ pub struct MintedKey {
     pub expires_at: OffsetDateTime,
     /// What the provider needs to revoke this key (CoreWeave: the key id; GleSYS: the credential id).
     pub revoke_handle: String,
+    /// Who owns the key at the provider, when it says (CoreWeave: `coreweave/<uid>`,
+    /// `role/<iss>:<sub>`, `saml/<role>`).
+    pub principal: Option<String>,
 }
 
 impl MintedKey {
@@ -234,6 +237,12 @@ pub const TAG_PREFIX: &str = "keybroker-";
 pub trait Provider: Send + Sync + 'static {
     /// Which API this is.
     fn kind(&self) -> ProviderKind;
+
+    /// How the profile authenticates its mints, where the provider offers a choice (CoreWeave:
+    /// `api-token`, `oidc`, `saml`).
+    fn auth(&self) -> Option<&'static str> {
+        None
+    }
 
     /// How many keys the account may hold at once, if the provider limits it.
     fn key_limit(&self) -> Option<usize> {
@@ -312,10 +321,12 @@ pub fn brief(text: &str) -> String {
 /// Provider-specific settings and secrets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProviderCredentials {
-    /// CoreWeave: the API access token.
+    /// CoreWeave: the API access token, and the identity exchange that mints instead of it.
     Coreweave {
         /// Bearer token from `token_file`.
         token: Secret,
+        /// `auth = "oidc"` or `"saml"`: how keys are minted; `None` for `"api-token"`.
+        exchange: Option<coreweave::wif::Exchange>,
     },
     /// Crusoe: the API key id and secret, and the organization if not discovered.
     Crusoe {
@@ -351,14 +362,19 @@ pub fn build(
     clock: &Clock,
 ) -> Result<std::sync::Arc<dyn Provider>, http::TlsSetupError> {
     Ok(match credentials {
-        ProviderCredentials::Coreweave { token } => {
+        ProviderCredentials::Coreweave { token, exchange } => {
             let client = http::HttpClient::new(ca_file, http::DEFAULT_CALL_TIMEOUT)?;
-            std::sync::Arc::new(coreweave::CoreWeave::new(
-                client,
-                endpoint,
-                token.clone(),
-                clock.clone(),
-            ))
+            let (token, clock) = (token.clone(), clock.clone());
+            std::sync::Arc::new(match exchange {
+                None => coreweave::CoreWeave::new(client, endpoint, token, clock),
+                Some(exchange) => coreweave::CoreWeave::federated(
+                    client,
+                    endpoint,
+                    exchange.clone(),
+                    token,
+                    clock,
+                ),
+            })
         }
         ProviderCredentials::Crusoe {
             access_key_id,

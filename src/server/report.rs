@@ -63,17 +63,18 @@ impl From<&SlotStatus> for crate::metrics::ProfileValues {
 pub(super) fn status_body(app: &App) -> Bytes {
     let profiles = app
         .broker
-        .status()
-        .into_iter()
-        .map(|(name, provider, slot)| ProfileStatus {
+        .slots()
+        .iter()
+        .map(|(name, slot)| ProfileStatus {
+            name: name.to_string(),
+            provider: slot.provider().kind().to_string(),
+            auth: slot.provider().auth().map(str::to_string),
             container_token_file: app
                 .container
                 .as_ref()
-                .and_then(|t| t.file(&name))
+                .and_then(|t| t.file(name))
                 .map(|file| file.display().to_string()),
-            name,
-            provider: provider.as_str().to_string(),
-            slot,
+            slot: slot.status(),
         })
         .collect();
     json_body(&StatusAnswer {

@@ -578,3 +578,115 @@ async fn crusoe_org_discovery_needs_exactly_one_org() {
         .await;
     assert!(fake.live().is_empty());
 }
+
+/// An OIDC profile through 24 simulated hours whose token file is rewritten every hour, each
+/// time for another subject (as kubelet refreshes a projected service-account token): every
+/// key served has at least `min_remaining` left, every mint read the file afresh (its key
+/// belongs to the subject written last), no expired token ever reached the provider, no
+/// exchange carried an `Authorization` header, and stop revokes every key.
+#[tokio::test(start_paused = true)]
+async fn a_day_of_oidc_renewals_reads_the_token_file_each_time() {
+    let clock = Clock::tokio();
+    let fake = FakeCloud::new(clock.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    let write_token = |hour: u32| {
+        let token = fake.oidc_token(&format!("sa-{hour}"), clock.now() + 80 * MIN);
+        std::fs::write(&token_file, token).unwrap();
+    };
+    write_token(0);
+    let policy = hour_policy();
+    let broker = broker_with_options(
+        fake.oidc_provider(&token_file, &clock),
+        policy,
+        true,
+        max_jitter(&clock, 11),
+    );
+    let mut served = std::collections::BTreeMap::new();
+    for minute in 0..(24 * 60) {
+        if minute % 60 == 0 {
+            write_token(minute / 60);
+        }
+        let key = broker.get("p").await.expect("a key every minute");
+        let left = positive(key.expires_at - clock.now());
+        assert!(
+            left >= policy.min_remaining,
+            "served with only {left:?} left"
+        );
+        served.insert(key.handle.access_key_id.clone(), ());
+        tokio::time::sleep(MIN).await;
+    }
+    assert_eq!(fake.calls("exchange_expired_token"), 0);
+    assert_eq!(fake.calls("exchange_with_authorization"), 0);
+    assert_eq!(fake.calls("unauthorized"), 0, "revokes used the API token");
+    let keys = fake.keys();
+    assert!(
+        (48..=56).contains(&keys.len()),
+        "{} keys minted in 24h",
+        keys.len()
+    );
+    for k in &keys {
+        // Minted in hour h, from the token written at the start of hour h.
+        let hour = (k.created - keys[0].created).whole_hours();
+        let want = format!("role/{}:sa-{hour}", crate::fake_cloud::WIF_ISSUER);
+        assert_eq!(k.principal.as_deref(), Some(want.as_str()), "key {}", k.id);
+    }
+    assert!(served.len() + 1 >= keys.len());
+    let report = broker
+        .stop(tokio::time::Instant::now() + Duration::from_secs(20))
+        .await;
+    assert!(report.is_clean(), "{report:?}");
+    assert!(
+        fake.live().is_empty(),
+        "alive after stop: {:?}",
+        fake.live()
+    );
+}
+
+/// A token the provider refuses (no access policy for its principal): the error carries the
+/// provider's words and says which, nothing is served, and the driver's attempts wait the
+/// whole backoff cap (a minute) from the first refusal: a refused token is not fixed by
+/// retrying sooner. (Requests may trigger an attempt at most every 10 s.)
+#[tokio::test(start_paused = true)]
+async fn a_refused_oidc_token_is_explained_and_retried_with_backoff() {
+    let clock = Clock::tokio();
+    let fake = FakeCloud::new(clock.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(
+        &token_file,
+        fake.oidc_token("intruder", clock.now() + 600 * MIN),
+    )
+    .unwrap();
+    fake.deny_subject("intruder");
+    let broker = broker_with(
+        fake.oidc_provider(&token_file, &clock),
+        &clock,
+        hour_policy(),
+        true,
+        3,
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    match broker.get("p").await {
+        Err(ServeError::Unavailable(u)) => assert!(
+            u.message.contains("permission denied")
+                && u.message
+                    .contains("no org access policy lets principal role/")
+                && u.message.contains(":intruder"),
+            "{u:?}"
+        ),
+        other => panic!("expected 503, got {other:?}"),
+    }
+    // Attempts per minute with no requests: one, and it keeps trying.
+    let mut per_minute = Vec::new();
+    for _ in 0..10 {
+        let before = fake.calls("exchange");
+        tokio::time::sleep(MIN).await;
+        per_minute.push(fake.calls("exchange") - before);
+    }
+    assert!(per_minute.iter().all(|n| *n == 1), "{per_minute:?}");
+    assert!(fake.live().is_empty());
+    broker
+        .stop(tokio::time::Instant::now() + Duration::from_secs(20))
+        .await;
+}

@@ -103,6 +103,60 @@ fn cases(token: &str) -> Vec<(&'static str, String, &'static str, &'static str)>
             "2:12",
             "string values must be quoted",
         ),
+        (
+            "oidc_token_file without auth = oidc",
+            cw("oidc_token_file = \"/run/token\"\n"),
+            "4:19",
+            "oidc_token_file applies only with auth = \"oidc\", and this profile has auth = \"api-token\"",
+        ),
+        (
+            "oidc without org_id",
+            cw("auth = \"oidc\"\noidc_token_file = \"/run/token\"\n"),
+            "1:1",
+            "needs org_id with auth = \"oidc\"",
+        ),
+        (
+            "oidc without its token file",
+            cw("auth = \"oidc\"\norg_id = \"o1\"\n"),
+            "1:1",
+            "needs oidc_token_file with auth = \"oidc\"",
+        ),
+        (
+            "saml without wif_config_id",
+            cw("auth = \"saml\"\norg_id = \"o1\"\nsaml_assertion_file = \"/run/saml\"\n"),
+            "1:1",
+            "needs wif_config_id with auth = \"saml\"",
+        ),
+        (
+            "saml keys with auth = oidc",
+            cw("auth = \"oidc\"\norg_id = \"o1\"\noidc_token_file = \"/run/t\"\nwif_config_id = \"w\"\n"),
+            "7:17",
+            "wif_config_id applies only with auth = \"saml\", and this profile has auth = \"oidc\"",
+        ),
+        (
+            "org_id with the API token",
+            cw("org_id = \"o1\"\n"),
+            "4:10",
+            "org_id applies only with auth = \"oidc\" or \"saml\"",
+        ),
+        (
+            "unknown auth",
+            cw("auth = \"password\"\n"),
+            "4:8",
+            "auth \"password\" is not one of \"api-token\", \"oidc\", \"saml\"",
+        ),
+        (
+            "auth on another provider",
+            "[profiles.a]\nprovider = \"dev\"\nauth = \"oidc\"\n".to_string(),
+            "3:8",
+            "auth does not apply to provider dev",
+        ),
+        (
+            "oidc without token_file",
+            "[profiles.t]\nprovider = \"coreweave\"\nauth = \"oidc\"\norg_id = \"o1\"\noidc_token_file = \"/run/t\"\n".to_string(),
+            "1:1",
+            "needs token_file, also with auth = \"oidc\" or \"saml\": keybroker revokes the keys it minted",
+        ),
     ]
 }
 

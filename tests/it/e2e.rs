@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::fake_cloud::{FakeCloud, PROVIDERS};
+use crate::fake_cloud::{FakeCloud, PROVIDERS, WIF_ISSUER};
 use crate::harness::{python, venv_bin, Daemon, Env, BIN};
 use crate::moto::Moto;
 
@@ -318,6 +318,75 @@ async fn a_broken_secret_fails_the_signature_check() {
         assert!(err.contains("SignatureDoesNotMatch"), "{provider}: {err}");
         let (code, _, err) = e.aws("kb", &["s3", "ls"]);
         assert_eq!(code, 0, "{provider}: the untampered key works: {err}");
+        e.finish();
+    }
+}
+
+/// CoreWeave Workload Identity: keys exchanged for an OIDC token file, or a SAML assertion
+/// file, work for aws-cli and boto3 against the signature-checking S3. The exchange carries no
+/// `Authorization` header (the token in the body is the credential), the key belongs to the
+/// token's principal, status shows the auth mode and that principal (never the token), and a
+/// stop revokes every key with the profile's API token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_identity_keys_work_for_aws_cli_and_boto3() {
+    for (mode, principal) in [
+        (
+            "coreweave-oidc",
+            format!("role/{WIF_ISSUER}:system:serviceaccount:ml:trainer"),
+        ),
+        ("coreweave-saml", "saml/trainer".to_string()),
+    ] {
+        let e = E2e::start(mode).await;
+        let (code, _, err) = e.aws("kb", &["s3", "mb", "s3://kb-wif"]);
+        assert_eq!(code, 0, "{mode}: mb: {err}");
+        let (code, _, err) = e.aws("kb", &["s3", "ls", "s3://kb-wif"]);
+        assert_eq!(code, 0, "{mode}: ls: {err}");
+        let result = e.s3_calls("profile", "kb-wif-calls", 20, &[]);
+        assert_eq!(result["ok"], true, "{mode}: {result}");
+        assert!(e.fake.calls("exchange") >= 1, "{mode}: minted by exchange");
+        assert_eq!(e.fake.calls("exchange_with_authorization"), 0, "{mode}");
+        assert_eq!(e.fake.calls("unauthorized"), 0, "{mode}");
+        let live = e.fake.live();
+        assert!(
+            !live.is_empty()
+                && live
+                    .iter()
+                    .all(|k| k.principal.as_deref() == Some(principal.as_str())),
+            "{mode}: {live:?}"
+        );
+        let (code, out, err) = e.env.run(&[
+            "status",
+            "--json",
+            "--socket",
+            e.daemon.socket.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{mode}: {err}");
+        let status: keybroker::api::StatusAnswer = serde_json::from_str(&out).unwrap();
+        let p = &status.profiles[0];
+        assert_eq!(
+            p.auth.as_deref(),
+            Some(&mode["coreweave-".len()..]),
+            "{out}"
+        );
+        assert_eq!(
+            p.slot.principal.as_deref(),
+            Some(principal.as_str()),
+            "{out}"
+        );
+        let identity = std::fs::read_to_string(e.env.path(if mode == "coreweave-oidc" {
+            "p-oidc-token"
+        } else {
+            "p-saml"
+        }))
+        .unwrap();
+        assert!(
+            !out.contains(identity.trim()),
+            "{mode}: status shows no token"
+        );
+        assert!(
+            !e.daemon.logs().contains(identity.trim()),
+            "{mode}: the log shows no token"
+        );
         e.finish();
     }
 }

@@ -1,6 +1,9 @@
 //! A fake cloud that speaks the three providers' object-storage key APIs
 //! (as their public API references describe them) on one router, told apart by path:
-//! - CoreWeave `/v1/cwobject/...`: bearer token checked;
+//! - CoreWeave `/v1/cwobject/...`: bearer token checked; the Workload Identity exchanges
+//!   (`temporary-credentials/oidc` and `/saml`) take no token: a JWT's issuer, audience and
+//!   expiry are checked (not its signature), a SAML assertion's configuration, and the key
+//!   belongs to `role/<iss>:<sub>` or `saml/<role>`;
 //! - Crusoe `/v1alpha5/organizations/...`: v1.0 signatures verified (by this file's own
 //!   implementation, not the provider's), organizations, the two-keys-per-user limit, and
 //!   third-party keys that count against it;
@@ -21,8 +24,9 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use keybroker::clock::Clock;
 use keybroker::credentials::Secret;
+use keybroker::provider::coreweave::{wif::Exchange, CoreWeave};
 use keybroker::provider::http::{HttpClient, InProcessHandler};
-use keybroker::provider::{coreweave::CoreWeave, crusoe::Crusoe, glesys::Glesys, Provider};
+use keybroker::provider::{crusoe::Crusoe, glesys::Glesys, Provider};
 use rand::distributions::{Alphanumeric, DistString};
 use rand::RngCore;
 use serde_json::{json, Value};
@@ -42,6 +46,13 @@ pub const GLESYS_INSTANCE: &str = "os-ab123";
 /// The principal of every key the fake's CoreWeave token mints.
 pub const COREWEAVE_PRINCIPAL: &str = "coreweave/fake-token-id";
 
+/// The organization, issuer, audience and SAML configuration the fake's Workload Identity
+/// Federation accepts.
+pub const WIF_ORG: &str = "org-fake";
+pub const WIF_ISSUER: &str = "https://oidc.fake.test/id/cluster-1";
+pub const WIF_AUDIENCE: &str = "https://coreweave.com/iam";
+pub const WIF_CONFIG: &str = "wif-saml-fake";
+
 /// A key the fake minted (or was given as a third party's).
 #[derive(Clone, Debug)]
 pub struct FakeKey {
@@ -59,6 +70,8 @@ pub struct FakeKey {
     pub foreign: bool,
     /// The IAM user holding this key in moto, when the fake mirrors into moto.
     pub iam_user: Option<String>,
+    /// Who owns it (CoreWeave).
+    pub principal: Option<String>,
 }
 
 impl FakeKey {
@@ -112,6 +125,8 @@ struct State {
     peak_live: BTreeMap<&'static str, usize>,
     /// Organizations the Crusoe key sees besides its own.
     extra_orgs: usize,
+    /// OIDC subjects no access policy allows to mint.
+    denied_subjects: Vec<String>,
 }
 
 pub struct FakeCloud {
@@ -289,6 +304,7 @@ impl FakeCloud {
             revoked_at: None,
             foreign,
             iam_user: None,
+            principal: None,
         };
         self.lock().keys.insert(id.clone(), key);
         id
@@ -337,6 +353,25 @@ impl FakeCloud {
         }
     }
 
+    /// A CoreWeave provider that mints by exchanging the OIDC token in `token_file` (which the
+    /// test writes) and revokes with the fake's API token, answered in process.
+    pub fn oidc_provider(
+        self: &Arc<Self>,
+        token_file: &std::path::Path,
+        clock: &Clock,
+    ) -> Arc<dyn Provider> {
+        Arc::new(CoreWeave::federated(
+            HttpClient::in_process(self.handler(), Duration::from_secs(10)),
+            "http://fake.invalid",
+            Exchange::Oidc {
+                org_id: WIF_ORG.to_string(),
+                token_file: token_file.to_path_buf(),
+            },
+            Secret::new(self.coreweave_token.clone()),
+            clock.clone(),
+        ))
+    }
+
     /// A `[profiles.NAME]` table for `provider` against the fake at `url`, writing the secret
     /// files into `env`. `extra` is appended inside the table.
     pub fn profile_toml(
@@ -367,6 +402,29 @@ impl FakeCloud {
                     "endpoint = \"{url}\"\nproject = \"{GLESYS_PROJECT}\"\napi_key_file = \"{}\"\ninstance_id = \"{GLESYS_INSTANCE}\"\n",
                     f.display()
                 )
+            }
+            "coreweave-oidc" | "coreweave-saml" => {
+                let f = env.secret_file(&format!("{name}-cw-token"), &self.coreweave_token);
+                let identity = if provider == "coreweave-oidc" {
+                    let token = self.oidc_token(
+                        "system:serviceaccount:ml:trainer",
+                        self.clock.now() + time::Duration::hours(1),
+                    );
+                    let file = env.path(&format!("{name}-oidc-token"));
+                    std::fs::write(&file, token).unwrap();
+                    format!(
+                        "auth = \"oidc\"\noidc_token_file = \"{}\"\n",
+                        file.display()
+                    )
+                } else {
+                    let file = env.path(&format!("{name}-saml"));
+                    std::fs::write(&file, Self::saml_assertion("trainer")).unwrap();
+                    format!("auth = \"saml\"\nsaml_assertion_file = \"{}\"\nwif_config_id = \"{WIF_CONFIG}\"\n", file.display())
+                };
+                return format!(
+                    "[profiles.{name}]\nprovider = \"coreweave\"\nendpoint = \"{url}\"\ntoken_file = \"{}\"\norg_id = \"{WIF_ORG}\"\n{identity}{extra}\n",
+                    f.display()
+                );
             }
             other => panic!("the fake does not speak {other}"),
         };
@@ -522,7 +580,10 @@ impl FakeCloud {
                 "response": {"status": {"code": 503, "text": "listing is down (injected)"}}});
             return reply(StatusCode::SERVICE_UNAVAILABLE, body);
         }
-        if path.starts_with("/v1/cwobject/") {
+        if let Some(mode) = path.strip_prefix("/v1/cwobject/temporary-credentials/") {
+            let mode = mode.to_string();
+            self.exchange(req, &mode).await
+        } else if path.starts_with("/v1/cwobject/") {
             self.coreweave(req).await
         } else if let Some(rest) = path.strip_prefix("/v1alpha5") {
             self.crusoe(&req, rest.to_string()).await
@@ -625,6 +686,133 @@ impl FakeCloud {
             }
             _ => err(StatusCode::NOT_FOUND, 5, "no such method"),
         }
+    }
+
+    /// `POST /v1/cwobject/temporary-credentials/{oidc,saml}`: a key for the workload's
+    /// identity, with no API token.
+    async fn exchange(&self, req: Request<Bytes>, mode: &str) -> Response<Bytes> {
+        let err = |status: StatusCode, code: u16, message: &str| {
+            reply(
+                status,
+                json!({"code": code, "message": message, "details": []}),
+            )
+        };
+        self.count("exchange");
+        if req.headers().contains_key(http::header::AUTHORIZATION) {
+            self.count("exchange_with_authorization");
+        }
+        if req.method() != Method::POST {
+            return err(StatusCode::NOT_FOUND, 5, "no such method");
+        }
+        let body: Value = serde_json::from_slice(req.body()).unwrap_or(Value::Null);
+        let seconds = match body["durationSeconds"].as_u64() {
+            Some(s @ 1..=43_200) => s,
+            _ => {
+                return err(
+                    StatusCode::BAD_REQUEST,
+                    3,
+                    "durationSeconds must be in 1..43200 for this test fake",
+                )
+            }
+        };
+        if body["orgId"].as_str() != Some(WIF_ORG) {
+            return err(StatusCode::BAD_REQUEST, 3, "unknown organization");
+        }
+        let principal = match mode {
+            "oidc" => {
+                let claims = body["oidcToken"].as_str().and_then(jwt_claims);
+                let Some(claims) = claims else {
+                    return err(StatusCode::BAD_REQUEST, 3, "Invalid token");
+                };
+                let aud_ok = claims["aud"] == WIF_AUDIENCE
+                    || claims["aud"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|v| v == WIF_AUDIENCE));
+                if claims["iss"] != WIF_ISSUER || !aud_ok {
+                    return err(StatusCode::BAD_REQUEST, 3, "Invalid token");
+                }
+                if claims["exp"]
+                    .as_i64()
+                    .is_none_or(|e| e <= self.clock.now().unix_timestamp())
+                {
+                    self.count("exchange_expired_token");
+                    return err(
+                        StatusCode::BAD_REQUEST,
+                        3,
+                        "Invalid token: token is expired",
+                    );
+                }
+                let sub = claims["sub"].as_str().unwrap_or_default().to_string();
+                if self.lock().denied_subjects.contains(&sub) {
+                    return err(StatusCode::FORBIDDEN, 7, "permission denied");
+                }
+                format!("role/{WIF_ISSUER}:{sub}")
+            }
+            "saml" => {
+                if body["configId"].as_str() != Some(WIF_CONFIG) {
+                    return err(StatusCode::BAD_REQUEST, 3, "unknown WIF configuration");
+                }
+                let role = body["samlResponse"]
+                    .as_str()
+                    .and_then(|b| STANDARD.decode(b).ok())
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .and_then(|t| t.strip_prefix("fake-saml-role:").map(str::to_string));
+                let Some(role) = role else {
+                    return err(StatusCode::BAD_REQUEST, 3, "Invalid SAML response");
+                };
+                format!("saml/{role}")
+            }
+            _ => return err(StatusCode::NOT_FOUND, 5, "no such method"),
+        };
+        let tag = body["attributes"]["keybroker-lease"]
+            .as_str()
+            .map(str::to_string);
+        let key = match self
+            .create(
+                "coreweave",
+                tag,
+                Some(Duration::from_secs(seconds)),
+                |s, m| err(s, 14, m),
+            )
+            .await
+        {
+            Ok(k) => k,
+            Err(resp) => return resp,
+        };
+        if let Some(k) = self.lock().keys.get_mut(&key.id) {
+            k.principal = Some(principal.clone());
+        }
+        reply(
+            StatusCode::OK,
+            json!({
+                "accessKeyId": key.id, "secretKey": key.secret, "principalName": principal,
+                "expiry": rfc3339(key.expires_at.unwrap()), "attributes": body["attributes"],
+            }),
+        )
+    }
+
+    /// An OIDC token from the fake's issuer for `sub`, expiring at `exp`, as an identity
+    /// provider would write it to a file. Its signature is not one: the fake does not check it.
+    pub fn oidc_token(&self, sub: &str, exp: OffsetDateTime) -> String {
+        let part = |v: Value| URL_SAFE_NO_PAD.encode(v.to_string());
+        format!(
+            "{}.{}.{}",
+            part(json!({"alg": "RS256", "kid": "fake"})),
+            part(
+                json!({"iss": WIF_ISSUER, "aud": [WIF_AUDIENCE], "sub": sub, "exp": exp.unix_timestamp(), "iat": self.clock.now().unix_timestamp()})
+            ),
+            URL_SAFE_NO_PAD.encode(random(32))
+        )
+    }
+
+    /// A SAML response (base64) for `role`.
+    pub fn saml_assertion(role: &str) -> String {
+        STANDARD.encode(format!("fake-saml-role:{role}"))
+    }
+
+    /// From now on, no access policy lets `sub` mint.
+    pub fn deny_subject(&self, sub: &str) {
+        self.lock().denied_subjects.push(sub.to_string());
     }
 
     // ---- Crusoe ----------------------------------------------------------------------------
@@ -906,6 +1094,7 @@ impl FakeCloud {
             revoked_at: None,
             foreign: false,
             iam_user,
+            principal: None,
         };
         let key = if faults.lands_late && !faults.create_latency.is_zero() {
             // The provider carries the create out after the delay, whether or not the caller
@@ -1003,6 +1192,12 @@ fn header(req: &Request<Bytes>, name: &str) -> Option<String> {
         .get(name)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
+}
+
+/// The claims of a JWT, not verified.
+fn jwt_claims(token: &str) -> Option<Value> {
+    let payload = token.split('.').nth(1)?;
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).ok()?).ok()
 }
 
 fn reply(status: StatusCode, body: Value) -> Response<Bytes> {

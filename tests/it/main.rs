@@ -15,3 +15,4 @@ mod recovery;
 mod socket_trust;
 mod state_files;
 mod systemd;
+mod wif;

@@ -540,10 +540,7 @@ async fn journald_unreachable_falls_back_to_stderr() {
         stderr,
     );
     // The prewarm's mint is logged before the stop, not revoked mid-flight by it.
-    wait_until("the prewarmed key", || {
-        daemon.logs().contains("minted key")
-    })
-    .await;
+    wait_until("the prewarmed key", || daemon.logs().contains("minted key")).await;
     assert!(daemon.stop(Duration::from_secs(25)).0.success());
     let logs = daemon.logs();
     assert!(

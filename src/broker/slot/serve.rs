@@ -25,6 +25,8 @@ pub struct ReadyKey {
     pub lease: String,
     /// When the key stops working (the `Expiration` served).
     pub expires_at: OffsetDateTime,
+    /// Who owns the key at the provider, when it said.
+    pub principal: Option<String>,
     /// `credential_process` JSON.
     pub process_json: Bytes,
     /// Container-credentials JSON.
@@ -50,6 +52,7 @@ impl ReadyKey {
             tag,
             lease,
             expires_at: key.expires_at,
+            principal: key.principal,
             process_json,
             container_json,
         }
@@ -63,6 +66,7 @@ impl ReadyKey {
             tag: tag.unwrap_or_default(),
             lease,
             expires_at: OffsetDateTime::UNIX_EPOCH,
+            principal: None,
             process_json: Bytes::new(),
             container_json: Bytes::new(),
         }

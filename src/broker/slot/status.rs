@@ -64,6 +64,7 @@ impl Slot {
         SlotStatus {
             state: st.phase.word(fresh, usable, failing),
             key_id: current.as_ref().map(|k| k.handle.access_key_id.clone()),
+            principal: current.as_ref().and_then(|k| k.principal.clone()),
             expires_at: current.as_ref().map(|k| format_expiration(k.expires_at)),
             expires_in_seconds: current
                 .as_ref()
