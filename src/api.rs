@@ -94,6 +94,9 @@ pub struct ProfileStatus {
     /// `api-token`, `oidc`, `saml`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<String>,
+    /// Whether keybroker can revoke its keys (not so for CoreWeave Workload Identity without
+    /// `token_file`: they are left to expire).
+    pub revocable: bool,
     /// The file holding its container endpoint token, when the endpoint is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_token_file: Option<String>,
@@ -323,6 +326,7 @@ mod tests {
             name: "p".into(),
             provider: "dev".into(),
             auth: None,
+            revocable: true,
             container_token_file: None,
             slot: SlotStatus::example(State::Ready),
         };

@@ -446,6 +446,9 @@ pub fn status_table(profiles: &[ProfileStatus]) -> String {
                 "auth {auth}: the current key belongs to {principal}"
             ));
         }
+        if !p.revocable {
+            note("not revocable (no token_file): keys are left to expire".to_string());
+        }
         if let Some(error) = &s.last_error {
             note(format!("last error: {error}"));
         }
@@ -532,6 +535,7 @@ mod tests {
             name: name.into(),
             provider: provider.into(),
             auth: None,
+            revocable: true,
             container_token_file: None,
             slot,
         }

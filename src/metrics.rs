@@ -132,6 +132,10 @@ impl Provider for Timed {
         self.inner.auth()
     }
 
+    fn revocable(&self) -> bool {
+        self.inner.revocable()
+    }
+
     async fn list_keys(&self) -> Result<Vec<ListedKey>, ProviderError> {
         self.time(Operation::List, self.inner.list_keys()).await
     }
@@ -183,6 +187,8 @@ pub struct ProfileSample<'a> {
     pub profile: &'a str,
     /// Provider name.
     pub provider: ProviderKind,
+    /// Whether keybroker can revoke its keys.
+    pub revocable: bool,
     /// Its counters, gauges and state.
     pub values: ProfileValues,
     /// Its upstream call timings.
@@ -306,6 +312,20 @@ fn render_profiles(out: &mut String, profiles: &[ProfileSample<'_>]) {
         for p in profiles {
             let _ = writeln!(out, "{name}{{{}}} {}", labels(p), pick(&p.values));
         }
+    }
+    header(
+        out,
+        "keybroker_profile_revocable",
+        "1 if keybroker can revoke the profile's keys, 0 if they are left to expire (CoreWeave Workload Identity without token_file).",
+        "gauge",
+    );
+    for p in profiles {
+        let _ = writeln!(
+            out,
+            "keybroker_profile_revocable{{{}}} {}",
+            labels(p),
+            u8::from(p.revocable)
+        );
     }
     header(
         out,
@@ -465,6 +485,7 @@ mod tests {
             &[ProfileSample {
                 profile: "p",
                 provider: ProviderKind::Dev,
+                revocable: true,
                 values: ProfileValues {
                     state: State::Ready,
                     ..ProfileValues::default()

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -214,17 +215,23 @@ impl Run<'_> {
             access_key_id: key_id.clone(),
             revoke_handle: handle,
         };
-        if !target.revoke_on_shutdown {
+        let revocable = target.provider.revocable();
+        if !target.revoke_on_shutdown || !revocable {
+            let reason = if revocable {
+                "revoke_on_shutdown = false"
+            } else {
+                "the profile cannot revoke keys (no token_file)"
+            };
             if let Some(expires_at) = expires_at.filter(|e| *e > self.now) {
                 if self.daemon {
-                    self.line(format!("tracking {key_id} (profile {profile}) until it expires at {expires}: revoke_on_shutdown = false"));
+                    self.line(format!("tracking {key_id} (profile {profile}) until it expires at {expires}: {reason}"));
                     self.out.adopted.entry(profile).or_default().push(Adopted {
                         handle: key,
                         lease: lease.lease.clone(),
                         expires_at,
                     });
                 } else {
-                    self.line(format!("left {key_id} (profile {profile}) alive until {expires}: revoke_on_shutdown = false; sweep again after that"));
+                    self.line(format!("left {key_id} (profile {profile}) alive until {expires}: {reason}; sweep again after that"));
                 }
                 self.still_open.push(lease);
                 return Ok(());
@@ -243,6 +250,9 @@ impl Run<'_> {
     /// longer land.
     async fn find_by_tag(&mut self, lease: OpenLease, target: &Target) -> Result<(), LedgerError> {
         let profile = lease.profile.clone();
+        if !target.provider.revocable() {
+            return self.unlooked(lease, target);
+        }
         let listed = self.listings.get(&profile, target.provider.as_ref()).await;
         let found = match listed {
             Ok(keys) => find_tagged(keys, &lease.tag).cloned(),
@@ -264,6 +274,32 @@ impl Run<'_> {
         let why = "its create's answer was lost; found by its tag";
         self.revoke_lease(lease, target, &found.handle, why, done)
             .await
+    }
+
+    /// A lost create of a profile that cannot list keys: it cannot be looked for, so its lease
+    /// is kept until any key it made has expired (the provider's longest lifetime after the
+    /// intent), then closed.
+    fn unlooked(&mut self, lease: OpenLease, target: &Target) -> Result<(), LedgerError> {
+        let profile = lease.profile.clone();
+        let longest = target
+            .provider
+            .kind()
+            .max_lifetime()
+            .unwrap_or(Duration::from_secs(43_200));
+        let intent = OffsetDateTime::parse(&lease.at, &Rfc3339).unwrap_or(self.now);
+        let gone_by = intent + longest + LANDING_GRACE;
+        if self.now >= gone_by {
+            self.revoker(&profile, target).close_lease(&lease.lease)?;
+            self.line(format!("lease {} of profile {profile}: its create's answer was lost, and any key it made has expired", lease.lease));
+            return Ok(());
+        }
+        self.line(format!(
+            "lease {} of profile {profile}: its create's answer was lost; without token_file its key cannot be looked for, and, if it was made, expires by itself by {}",
+            lease.lease,
+            format_expiration(gone_by)
+        ));
+        self.still_open.push(lease);
+        Ok(())
     }
 
     /// No key carries the lease's tag: its create may still land (a daemon keeps looking; a
@@ -307,6 +343,9 @@ impl Run<'_> {
 
     /// Revokes `profile`'s keys carrying `tag_prefix` that no lease accounted for.
     async fn revoke_strays(&mut self, profile: &str, target: &Target, tag_prefix: &str) {
+        if !target.provider.revocable() {
+            return;
+        }
         let keys = match self.listings.get(profile, target.provider.as_ref()).await {
             Ok(keys) => keys.clone(),
             Err(e) => {

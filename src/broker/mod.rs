@@ -30,6 +30,7 @@ pub use slot::{
 
 use crate::api::{NotReady, SlotStatus, State};
 use crate::clock::Clock;
+use crate::credentials::format_expiration;
 use crate::provider::{Provider, ProviderKind};
 
 /// How a profile is run by the broker.
@@ -367,8 +368,12 @@ fn revoke_entries(
 ) -> impl std::future::Future<Output = StopReport> {
     let mut jobs = tokio::task::JoinSet::new();
     for entry in entries {
+        let revocable = entry.slot.provider().revocable();
         for (key, held) in entry.slot.take_all() {
-            if entry.revoke_on_shutdown || !held {
+            if !revocable {
+                tracing::info!(profile = entry.slot.name(), key_id = %key.handle.access_key_id, expires_at = %format_expiration(key.expires_at), "left to expire at stop: this profile cannot revoke keys (no token_file)");
+                report.kept.push(key.handle.access_key_id.clone());
+            } else if entry.revoke_on_shutdown || !held {
                 jobs.spawn(revoke_by(Arc::clone(&entry.slot), key, deadline));
             } else {
                 tracing::info!(profile = entry.slot.name(), key_id = %key.handle.access_key_id, "left alive at stop (revoke_on_shutdown = false)");

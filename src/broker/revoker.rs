@@ -1,7 +1,10 @@
 //! The one revoke path: every key keybroker revokes (a renewal's retired key, the key budget,
 //! stop, an operator's revoke, a reload, a lost create found by its tag, start-up recovery and
 //! `keybroker sweep`) goes through [`Revoker::revoke_key`], which calls the provider, closes the
-//! lease in the ledger, counts the outcome and logs it with why the key was due.
+//! lease in the ledger, counts the outcome and logs it with why the key was due. A profile that
+//! cannot revoke (CoreWeave Workload Identity without `token_file`) makes no call: the lease is
+//! closed and the key left to expire, and the log says so. Callers hand it such keys only once
+//! nothing more can be done (expired, or never served); at stop they keep them instead.
 
 use std::sync::atomic::Ordering;
 
@@ -47,6 +50,11 @@ impl Revoker<'_> {
         why: &str,
     ) -> Result<(), RevokeError> {
         let id = &key.access_key_id;
+        if !self.provider.revocable() {
+            let journaled = self.close_lease(lease);
+            tracing::info!(profile = %self.profile, key_id = %id, why, "left to expire: this profile cannot revoke keys (no token_file)");
+            return journaled.map_err(RevokeError::Journal);
+        }
         match self.provider.revoke(key).await {
             Ok(()) => {
                 if let Some(c) = self.counters {
@@ -137,5 +145,54 @@ mod tests {
             .unwrap();
         assert_eq!(dev.revocations(), 2);
         assert_eq!(std::fs::read(ledger.path()).unwrap(), before);
+    }
+
+    /// A profile that cannot revoke makes no call: the lease is closed and the key left to
+    /// expire, and nothing counts as a revocation or a failure.
+    #[tokio::test]
+    async fn a_profile_that_cannot_revoke_closes_the_lease_without_a_call() {
+        use crate::provider::coreweave::{wif::Exchange, CoreWeave};
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let clock = Clock::System;
+        let (http, asked) = crate::provider::http::canned::client(Vec::new());
+        let exchange = Exchange::Oidc {
+            org_id: "o".into(),
+            token_file: dir.path().join("token"),
+        };
+        let cw = CoreWeave::federated(
+            http,
+            "http://cw.invalid",
+            Some(exchange),
+            None,
+            clock.clone(),
+        );
+        assert!(!cw.revocable());
+        ledger
+            .append(&Record::Intent {
+                lease: "01".into(),
+                profile: "p".into(),
+                provider: ProviderKind::Coreweave,
+                tag: "keybroker-h-i-01".into(),
+                at: format_expiration(clock.now()),
+            })
+            .unwrap();
+        let counters = Counters::default();
+        let revoker = Revoker {
+            profile: "p",
+            provider: &cw,
+            ledger: Some(&ledger),
+            counters: Some(&counters),
+            clock: &clock,
+        };
+        let key = KeyHandle {
+            access_key_id: "CWA".into(),
+            revoke_handle: "CWA".into(),
+        };
+        revoker.revoke_key(&key, "01", "a test").await.unwrap();
+        assert!(asked.lock().unwrap().is_empty());
+        assert!(ledger.replay().unwrap().open.is_empty());
+        let c = counters.snapshot();
+        assert_eq!((c.revokes, c.revoke_failures), (0, 0));
     }
 }

@@ -221,18 +221,13 @@ fn coreweave_credentials(
         only_with(&raw.saml_assertion_file, "saml_assertion_file", "\"saml\"")?;
         only_with(&raw.wif_config_id, "wif_config_id", "\"saml\"")?;
     }
-    let Some(file) = &raw.token_file else {
-        return Err(p.needs(match exchange {
-            None => "token_file (the CoreWeave API access token)",
-            // Keys minted without a token could not be revoked; running without one is not
-            // supported yet.
-            Some(_) => "token_file, also with auth = \"oidc\" or \"saml\": keybroker revokes the keys it minted, and looks for keys by tag, with that API access token",
-        }));
+    // Optional with an exchange: without it keys cannot be revoked, only left to expire.
+    let token = match &raw.token_file {
+        Some(file) => Some(read_secret(p.loc, file, "token_file")?),
+        None if exchange.is_some() => None,
+        None => return Err(p.needs("token_file (the CoreWeave API access token)")),
     };
-    Ok(ProviderCredentials::Coreweave {
-        token: read_secret(p.loc, file, "token_file")?,
-        exchange,
-    })
+    Ok(ProviderCredentials::Coreweave { token, exchange })
 }
 
 fn crusoe_credentials(

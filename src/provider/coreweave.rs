@@ -37,7 +37,8 @@ pub struct CoreWeave {
     http: HttpClient,
     endpoint: String,
     /// The API access token: it mints under `auth = "api-token"`, and revokes and lists.
-    token: Secret,
+    /// Without one (a federated profile with no `token_file`) keys cannot be revoked.
+    token: Option<Secret>,
     /// Where keys come from under `auth = "oidc"` or `"saml"`.
     exchange: Option<wif::Exchange>,
     clock: Clock,
@@ -65,26 +66,34 @@ struct Status {
 impl CoreWeave {
     /// A provider for the API at `endpoint` using the bearer `token` for every call.
     pub fn new(http: HttpClient, endpoint: &str, token: Secret, clock: Clock) -> Self {
+        CoreWeave::federated(http, endpoint, None, Some(token), clock)
+    }
+
+    /// A provider that mints by `exchange` (with `token` when there is none) and revokes and
+    /// lists with `token`, if it has one.
+    pub fn federated(
+        http: HttpClient,
+        endpoint: &str,
+        exchange: Option<wif::Exchange>,
+        token: Option<Secret>,
+        clock: Clock,
+    ) -> Self {
         CoreWeave {
             http,
             endpoint: endpoint.trim_end_matches('/').to_string(),
             token,
-            exchange: None,
+            exchange,
             clock,
         }
     }
 
-    /// A provider that mints by `exchange` and revokes and lists with `token`.
-    pub fn federated(
-        http: HttpClient,
-        endpoint: &str,
-        exchange: wif::Exchange,
-        token: Secret,
-        clock: Clock,
-    ) -> Self {
-        CoreWeave {
-            exchange: Some(exchange),
-            ..CoreWeave::new(http, endpoint, token, clock)
+    /// `Authorization: Bearer <token>`, for every call but the exchanges.
+    fn bearer(&self) -> Result<String, ProviderError> {
+        match &self.token {
+            Some(token) => Ok(format!("Bearer {}", token.expose())),
+            None => Err(ProviderError::Rejected(
+                "this profile has no token_file, so keybroker cannot revoke or list its keys; they expire by themselves".into(),
+            )),
         }
     }
 
@@ -186,10 +195,7 @@ impl CoreWeave {
         let req = Request::builder()
             .method(Method::POST)
             .uri(format!("{}{path}", self.endpoint))
-            .header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", self.token.expose()),
-            )
+            .header(http::header::AUTHORIZATION, self.bearer()?)
             .header(http::header::CONTENT_TYPE, "application/json")
             .header(http::header::ACCEPT, "application/json")
             .body(Bytes::from(body.to_string()))
@@ -235,6 +241,10 @@ impl Provider for CoreWeave {
         )
     }
 
+    fn revocable(&self) -> bool {
+        self.token.is_some()
+    }
+
     async fn mint(&self, tag: &str, lifetime: Duration) -> Result<MintedKey, ProviderError> {
         // Never 0: that asks CoreWeave for a permanent key. Config validation keeps lifetime in
         // 1..=43200 s; the clamp is the last line of defence.
@@ -266,10 +276,7 @@ impl Provider for CoreWeave {
         let req = Request::builder()
             .method(Method::GET)
             .uri(format!("{}/v1/cwobject/access-key", self.endpoint))
-            .header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", self.token.expose()),
-            )
+            .header(http::header::AUTHORIZATION, self.bearer()?)
             .header(http::header::ACCEPT, "application/json")
             .body(Bytes::new())
             .map_err(|e| ProviderError::Rejected(format!("bad list request: {e}")))?;

@@ -244,6 +244,12 @@ pub trait Provider: Send + Sync + 'static {
         None
     }
 
+    /// Whether it can revoke (and list) keys. A CoreWeave profile that mints by Workload
+    /// Identity without an API token cannot: its keys are left to expire.
+    fn revocable(&self) -> bool {
+        true
+    }
+
     /// How many keys the account may hold at once, if the provider limits it.
     fn key_limit(&self) -> Option<usize> {
         None
@@ -323,8 +329,9 @@ pub fn brief(text: &str) -> String {
 pub enum ProviderCredentials {
     /// CoreWeave: the API access token, and the identity exchange that mints instead of it.
     Coreweave {
-        /// Bearer token from `token_file`.
-        token: Secret,
+        /// Bearer token from `token_file`: always there with `auth = "api-token"`; without it
+        /// a federated profile's keys cannot be revoked.
+        token: Option<Secret>,
         /// `auth = "oidc"` or `"saml"`: how keys are minted; `None` for `"api-token"`.
         exchange: Option<coreweave::wif::Exchange>,
     },
@@ -364,17 +371,13 @@ pub fn build(
     Ok(match credentials {
         ProviderCredentials::Coreweave { token, exchange } => {
             let client = http::HttpClient::new(ca_file, http::DEFAULT_CALL_TIMEOUT)?;
-            let (token, clock) = (token.clone(), clock.clone());
-            std::sync::Arc::new(match exchange {
-                None => coreweave::CoreWeave::new(client, endpoint, token, clock),
-                Some(exchange) => coreweave::CoreWeave::federated(
-                    client,
-                    endpoint,
-                    exchange.clone(),
-                    token,
-                    clock,
-                ),
-            })
+            std::sync::Arc::new(coreweave::CoreWeave::federated(
+                client,
+                endpoint,
+                exchange.clone(),
+                token.clone(),
+                clock.clone(),
+            ))
         }
         ProviderCredentials::Crusoe {
             access_key_id,

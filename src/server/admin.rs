@@ -38,6 +38,13 @@ pub(super) async fn admin(
     };
     let upstream_failed =
         |message: &str| error_response(StatusCode::BAD_GATEWAY, "upstream_failed", message);
+    if matches!(action, "revoke" | "revoke-principal") && !slot.provider().revocable() {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "not_supported",
+            &format!("profile {profile} has no token_file, so keybroker cannot revoke its keys: they expire by themselves within its lifetime. Revoke them in the Cloud Console (Object Storage, Access Keys), or give the profile a token_file and reload"),
+        );
+    }
     match action {
         "rotate" => match slot.rotate(ADMIN_WAIT).await {
             Ok(rotated) => json_ok(&RotateAnswer {

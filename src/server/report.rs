@@ -28,6 +28,7 @@ pub(super) fn metrics_body(app: &App) -> String {
         .map(|((name, slot), status)| crate::metrics::ProfileSample {
             profile: name,
             provider: slot.provider().kind(),
+            revocable: slot.provider().revocable(),
             values: status.into(),
             upstream: slot.upstream(),
         })
@@ -69,6 +70,7 @@ pub(super) fn status_body(app: &App) -> Bytes {
             name: name.to_string(),
             provider: slot.provider().kind().to_string(),
             auth: slot.provider().auth().map(str::to_string),
+            revocable: slot.provider().revocable(),
             container_token_file: app
                 .container
                 .as_ref()

@@ -151,12 +151,6 @@ fn cases(token: &str) -> Vec<(&'static str, String, &'static str, &'static str)>
             "3:8",
             "auth does not apply to provider dev",
         ),
-        (
-            "oidc without token_file",
-            "[profiles.t]\nprovider = \"coreweave\"\nauth = \"oidc\"\norg_id = \"o1\"\noidc_token_file = \"/run/t\"\n".to_string(),
-            "1:1",
-            "needs token_file, also with auth = \"oidc\" or \"saml\": keybroker revokes the keys it minted",
-        ),
     ]
 }
 

@@ -363,11 +363,11 @@ impl FakeCloud {
         Arc::new(CoreWeave::federated(
             HttpClient::in_process(self.handler(), Duration::from_secs(10)),
             "http://fake.invalid",
-            Exchange::Oidc {
+            Some(Exchange::Oidc {
                 org_id: WIF_ORG.to_string(),
                 token_file: token_file.to_path_buf(),
-            },
-            Secret::new(self.coreweave_token.clone()),
+            }),
+            Some(Secret::new(self.coreweave_token.clone())),
             clock.clone(),
         ))
     }

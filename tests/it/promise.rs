@@ -142,6 +142,7 @@ async fn refused_revokes_keep_renewals_going_within_a_bounded_retired_list() {
         .map(|(name, slot)| keybroker::metrics::ProfileSample {
             profile: name,
             provider: keybroker::provider::ProviderKind::Coreweave,
+            revocable: true,
             values: (&status).into(),
             upstream: slot.upstream(),
         })

@@ -116,3 +116,84 @@ async fn the_oidc_token_file_is_read_at_every_mint() {
         fake.live()
     );
 }
+
+/// Without `token_file` a federated profile still mints and serves, but cannot revoke: status
+/// and metrics say so, an operator's revoke is refused with what to do instead, and SIGTERM
+/// exits 0 with every key left to expire named in the log, without a single revoke or list
+/// call. The next start tracks those keys until they expire instead of revoking them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_token_file_keys_are_left_to_expire() {
+    let fake = FakeCloud::new(Clock::System);
+    let url = fake.serve().await;
+    let env = Env::new();
+    let toml: String = fake
+        .profile_toml("coreweave-oidc", "p", &url, &env, "")
+        .lines()
+        .filter(|l| !l.starts_with("token_file"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let config = env.config(&toml);
+    let mut daemon = tokio::task::block_in_place(|| env.serve(&config, "info"));
+    let (status, _, body) = get(&daemon.socket, "/v1/credentials/p").await;
+    assert_eq!(status, 200);
+    let first = key_id(&body);
+    let (code, _, err) = run(&env, &["rotate", "p"]);
+    assert_eq!(code, 0, "{err}");
+    let (_, _, body) = get(&daemon.socket, "/v1/credentials/p").await;
+    let second = key_id(&body);
+    assert_ne!(first, second);
+
+    let (code, out, err) = run(&env, &["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let answer: keybroker::api::StatusAnswer = serde_json::from_str(&out).unwrap();
+    assert!(!answer.profiles[0].revocable, "{out}");
+    let (_, out, _) = run(&env, &["status"]);
+    assert!(out.contains("not revocable (no token_file)"), "{out}");
+    let (_, _, metrics) = get(&daemon.socket, "/metrics").await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains("keybroker_profile_revocable{profile=\"p\",provider=\"coreweave\"} 0"),
+        "{metrics}"
+    );
+    let (code, _, err) = run(&env, &["revoke", "p"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("has no token_file") && err.contains("Cloud Console"),
+        "{err}"
+    );
+
+    let (status, _) = tokio::task::block_in_place(|| daemon.stop(Duration::from_secs(25)));
+    let logs = daemon.logs();
+    assert!(status.success(), "{logs}");
+    for id in [&first, &second] {
+        assert!(
+            logs.lines()
+                .any(|l| l.contains("left to expire at stop") && l.contains(id.as_str())),
+            "{id} not named: {logs}"
+        );
+    }
+    for call in ["revoke", "list", "unauthorized"] {
+        assert_eq!(fake.calls(call), 0, "{call} calls");
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let live = fake.live();
+    assert_eq!(live.len(), 2, "{live:?}");
+    assert!(
+        live.iter().all(|k| k
+            .expires_at
+            .is_some_and(|e| e <= now + time::Duration::hours(1))),
+        "each expires by itself within the lifetime: {live:?}"
+    );
+
+    let mut again = tokio::task::block_in_place(|| env.serve(&config, "info"));
+    let (status, _) = tokio::task::block_in_place(|| again.stop(Duration::from_secs(25)));
+    let logs = again.logs();
+    assert!(status.success(), "{logs}");
+    assert!(
+        logs.contains(&format!(
+            "tracking {second} (profile p) until it expires at"
+        )) && logs.contains("the profile cannot revoke keys (no token_file)"),
+        "{logs}"
+    );
+    assert_eq!(fake.calls("revoke"), 0);
+}

@@ -72,9 +72,16 @@ impl Slot {
     }
 
     /// Records a create whose outcome is unknown; it is looked for at once. `may_land`: no
-    /// answer came, so the provider may still be carrying it out.
+    /// answer came, so the provider may still be carrying it out. A profile that cannot list
+    /// or revoke keys cannot look: the lease is closed, and its key, if made, expires by itself.
     pub(super) fn add_lost(&self, lease: &str, tag: &str, may_land: bool) {
         let now = self.clock.now();
+        if !self.provider.revocable() {
+            let by = format_expiration(now + self.policy.lifetime);
+            tracing::warn!(profile = %self.name, %tag, "a create's answer was lost; without token_file keybroker cannot look for its key, which, if it was made, expires by itself by {by}");
+            let _ = self.revoker().close_lease(lease);
+            return;
+        }
         let mut lost = self.lost();
         lost.pending.push(Pending {
             lease: lease.to_string(),
