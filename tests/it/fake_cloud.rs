@@ -794,13 +794,19 @@ impl FakeCloud {
     /// An OIDC token from the fake's issuer for `sub`, expiring at `exp`, as an identity
     /// provider would write it to a file. Its signature is not one: the fake does not check it.
     pub fn oidc_token(&self, sub: &str, exp: OffsetDateTime) -> String {
+        Self::jwt(json!({
+            "iss": WIF_ISSUER, "aud": [WIF_AUDIENCE], "sub": sub,
+            "exp": exp.unix_timestamp(), "iat": self.clock.now().unix_timestamp(),
+        }))
+    }
+
+    /// A JWT with these claims (and no real signature).
+    pub fn jwt(claims: Value) -> String {
         let part = |v: Value| URL_SAFE_NO_PAD.encode(v.to_string());
         format!(
             "{}.{}.{}",
             part(json!({"alg": "RS256", "kid": "fake"})),
-            part(
-                json!({"iss": WIF_ISSUER, "aud": [WIF_AUDIENCE], "sub": sub, "exp": exp.unix_timestamp(), "iat": self.clock.now().unix_timestamp()})
-            ),
+            part(claims),
             URL_SAFE_NO_PAD.encode(random(32))
         )
     }

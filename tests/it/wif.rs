@@ -94,6 +94,32 @@ async fn the_oidc_token_file_is_read_at_every_mint() {
         "{err}"
     );
     assert_eq!(serve().await, second);
+
+    // An audience the WIF configuration does not have: CoreWeave's words, and what to check.
+    let claims = serde_json::json!({"iss": WIF_ISSUER, "aud": "sts.amazonaws.com", "sub": "x", "exp": (now + hour).unix_timestamp()});
+    std::fs::write(&token_file, FakeCloud::jwt(claims)).unwrap();
+    let (code, _, err) = run(&env, &["rotate", "p"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("Invalid token")
+            && err.contains("token rejected")
+            && err.contains("aud \"sts.amazonaws.com\""),
+        "{err}"
+    );
+    assert_eq!(serve().await, second);
+
+    // An audience the WIF configuration does not have: CoreWeave's words, and what to check.
+    let claims = serde_json::json!({"iss": WIF_ISSUER, "aud": "sts.amazonaws.com", "sub": "x", "exp": (now + hour).unix_timestamp()});
+    std::fs::write(&token_file, FakeCloud::jwt(claims)).unwrap();
+    let (code, _, err) = run(&env, &["rotate", "p"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("Invalid token")
+            && err.contains("token rejected")
+            && err.contains("aud \"sts.amazonaws.com\""),
+        "{err}"
+    );
+    assert_eq!(serve().await, second);
     let (code, out, _) = run(&env, &["status"]);
     assert_eq!(code, 1, "a failing profile is not healthy");
     assert!(
