@@ -95,7 +95,9 @@ pub struct ProfileStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<String>,
     /// Whether keybroker can revoke its keys (not so for CoreWeave Workload Identity without
-    /// `token_file`: they are left to expire).
+    /// `token_file`: they are left to expire). A daemon from before this field said nothing,
+    /// and could revoke.
+    #[serde(default = "revocable_by_default")]
     pub revocable: bool,
     /// The file holding its container endpoint token, when the endpoint is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -103,6 +105,10 @@ pub struct ProfileStatus {
     /// Its key, schedule and health.
     #[serde(flatten)]
     pub slot: SlotStatus,
+}
+
+fn revocable_by_default() -> bool {
+    true
 }
 
 /// What status shows of a profile's slot.

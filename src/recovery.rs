@@ -236,6 +236,11 @@ impl Run<'_> {
                 self.still_open.push(lease);
                 return Ok(());
             }
+            if !revocable {
+                self.revoker(&profile, target).close_lease(&lease.lease)?;
+                self.line(format!("{key_id} (profile {profile}, lease {}) has expired by itself: the profile cannot revoke keys; lease closed", lease.lease));
+                return Ok(());
+            }
         }
         let done = format!(
             "revoked {key_id} (profile {profile}, lease {}): left by an earlier run",
@@ -276,9 +281,9 @@ impl Run<'_> {
             .await
     }
 
-    /// A lost create of a profile that cannot list keys: it cannot be looked for, so its lease
-    /// is kept until any key it made has expired (the provider's longest lifetime after the
-    /// intent), then closed.
+    /// A lost create of a profile that cannot list keys: it cannot be looked for, and nothing
+    /// could revoke its key, so the lease is closed (as the daemon does when it happens), with
+    /// when any key it made has expired by: the provider's longest lifetime after the intent.
     fn unlooked(&mut self, lease: OpenLease, target: &Target) -> Result<(), LedgerError> {
         let profile = lease.profile.clone();
         let longest = target
@@ -287,18 +292,12 @@ impl Run<'_> {
             .max_lifetime()
             .unwrap_or(Duration::from_secs(43_200));
         let intent = OffsetDateTime::parse(&lease.at, &Rfc3339).unwrap_or(self.now);
-        let gone_by = intent + longest + LANDING_GRACE;
-        if self.now >= gone_by {
-            self.revoker(&profile, target).close_lease(&lease.lease)?;
-            self.line(format!("lease {} of profile {profile}: its create's answer was lost, and any key it made has expired", lease.lease));
-            return Ok(());
-        }
+        let gone_by = format_expiration(intent + longest + LANDING_GRACE);
+        self.revoker(&profile, target).close_lease(&lease.lease)?;
         self.line(format!(
-            "lease {} of profile {profile}: its create's answer was lost; without token_file its key cannot be looked for, and, if it was made, expires by itself by {}",
-            lease.lease,
-            format_expiration(gone_by)
+            "lease {} of profile {profile}: its create's answer was lost; without token_file its key cannot be looked for and, if it was made, expires by itself by {gone_by}; lease closed",
+            lease.lease
         ));
-        self.still_open.push(lease);
         Ok(())
     }
 

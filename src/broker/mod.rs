@@ -346,7 +346,11 @@ impl Broker {
                     .creating()
                     .filter(|t| !lost.iter().any(|l| &l.tag == t))
                 {
-                    tracing::error!(profile = slot.name(), %tag, "a create was still in flight at the shutdown deadline; its key, if it lands, is revoked by the next start or keybroker sweep");
+                    if slot.provider().revocable() {
+                        tracing::error!(profile = slot.name(), %tag, "a create was still in flight at the shutdown deadline; its key, if it lands, is revoked by the next start or keybroker sweep");
+                    } else {
+                        tracing::error!(profile = slot.name(), %tag, "a create was still in flight at the shutdown deadline; its key, if it lands, expires by itself (this profile cannot revoke keys)");
+                    }
                     report.unsettled.push(tag);
                 }
             }

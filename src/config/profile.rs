@@ -65,6 +65,14 @@ pub(super) fn profile_config(
     };
     refuse_foreign_keys(&p, &raw)?;
     let credentials = credentials(&p, &raw)?;
+    if let (ProviderCredentials::Coreweave { token: None, .. }, Some(true)) =
+        (&credentials, raw.revoke_on_shutdown)
+    {
+        return Err(p.at(
+            p.table.clone(),
+            "revoke_on_shutdown = true needs token_file: without it keybroker cannot revoke keys",
+        ));
+    }
     let endpoint = endpoint(&p, &raw)?;
     let ca_file = raw
         .ca_file
@@ -183,11 +191,12 @@ fn coreweave_credentials(
             let org_id = raw.org_id.as_ref().ok_or_else(|| {
                 p.needs(&format!("org_id with auth = \"{mode}\" (the organization id, on the Cloud Console's Settings page)"))
             })?;
-            let org_id = org_id.get_ref().clone();
+            let org_id = non_empty(p, org_id, "org_id")?;
             Some(if mode == "oidc" {
                 let file = raw.oidc_token_file.as_ref().ok_or_else(|| {
                     p.needs("oidc_token_file with auth = \"oidc\" (the file your identity provider writes the token to)")
                 })?;
+                non_empty(p, file, "oidc_token_file")?;
                 crate::provider::coreweave::wif::Exchange::Oidc {
                     org_id,
                     token_file: secret_path(p.loc, file, "oidc_token_file")?,
@@ -199,10 +208,11 @@ fn coreweave_credentials(
                 let config_id = raw.wif_config_id.as_ref().ok_or_else(|| {
                     p.needs("wif_config_id with auth = \"saml\" (the WIF configuration's id)")
                 })?;
+                non_empty(p, file, "saml_assertion_file")?;
                 crate::provider::coreweave::wif::Exchange::Saml {
                     org_id,
                     assertion_file: secret_path(p.loc, file, "saml_assertion_file")?,
-                    config_id: config_id.get_ref().clone(),
+                    config_id: non_empty(p, config_id, "wif_config_id")?,
                 }
             })
         }
@@ -228,6 +238,14 @@ fn coreweave_credentials(
         None => return Err(p.needs("token_file (the CoreWeave API access token)")),
     };
     Ok(ProviderCredentials::Coreweave { token, exchange })
+}
+
+/// The value of `key`, refused when empty.
+fn non_empty(p: &Profile<'_>, value: &Spanned<String>, key: &str) -> Result<String, ConfigError> {
+    match value.get_ref().trim() {
+        "" => Err(p.at(value.span(), format!("{key} is empty"))),
+        v => Ok(v.to_string()),
+    }
 }
 
 fn crusoe_credentials(

@@ -129,16 +129,20 @@ impl CoreWeave {
             let base = super::refused_create(resp.status, status_error(&call, &resp));
             return Err(wif::refused(&request, mode, resp.status, base));
         }
-        self.minted(&call, &resp, seconds, sent_at).await
+        self.minted(&call, &resp, seconds, sent_at, true).await
     }
 
-    /// The key in a create's answer. One that cannot be served (no expiry) is revoked at once.
+    /// The key in a create's answer. `temporary`: an exchange's key, temporary by definition,
+    /// so an answer without an expiry is served until `sent_at + seconds` on our clock. An
+    /// access key answered without an expiry (CoreWeave's "permanent" forms), or any key with
+    /// an unreadable one, cannot be served: it is revoked at once, where the profile can.
     async fn minted(
         &self,
         call: &str,
         resp: &HttpResponse,
         seconds: u64,
         sent_at: OffsetDateTime,
+        temporary: bool,
     ) -> Result<MintedKey, ProviderError> {
         let body: CreateResponse = serde_json::from_slice(&resp.body).map_err(|e| {
             ProviderError::Malformed(format!("CoreWeave {call}: unreadable answer: {e}"))
@@ -152,26 +156,35 @@ impl CoreWeave {
             )));
         };
         let expiry = match parse_expiry(body.expiry.as_deref()) {
-            Ok(Some(expiry)) => expiry,
+            Ok(Some(expiry)) => Some(expiry),
+            Ok(None) if temporary => None,
             outcome => {
                 // The key exists but cannot be served: take it back before reporting.
                 let handle = KeyHandle {
                     access_key_id: access_key_id.clone(),
                     revoke_handle: access_key_id.clone(),
                 };
-                if let Err(e) = self.revoke(&handle).await {
-                    tracing::error!(key_id = %access_key_id, error = %e, "could not revoke an unusable key");
-                }
-                return Err(match outcome {
-                    Err(e) => e,
-                    _ => ProviderError::Malformed(format!(
-                        "CoreWeave created key {access_key_id} without an expiry although {seconds}s was asked; it was revoked"
-                    )),
+                let revoked = self.revoke(&handle).await;
+                let why = match outcome {
+                    Err(e) => format!("with an unreadable expiry ({e})"),
+                    _ => format!("without an expiry although {seconds}s was asked"),
+                };
+                let message = match &revoked {
+                    Ok(()) => format!("CoreWeave {call}: key {access_key_id} was created {why}; it was revoked"),
+                    Err(e) => format!("CoreWeave {call}: key {access_key_id} was created {why}; it could not be revoked ({e})"),
+                };
+                // A key that may still be alive is looked for by its tag and revoked later
+                // (Malformed); where it is gone, or nothing could revoke it, the create is
+                // settled, and the retry waits a minute rather than making another such key.
+                return Err(if revoked.is_err() && self.revocable() {
+                    ProviderError::Malformed(message)
+                } else {
+                    ProviderError::Rejected(message)
                 });
             }
         };
         let expires_at = resolve_expiry(
-            Some(expiry),
+            expiry,
             sent_at,
             Duration::from_secs(seconds),
             resp.headers.get(http::header::DATE),
@@ -268,7 +281,7 @@ impl Provider for CoreWeave {
                 status_error("create access key", &resp),
             ));
         }
-        self.minted("create access key", &resp, seconds, sent_at)
+        self.minted("create access key", &resp, seconds, sent_at, false)
             .await
     }
 
@@ -456,5 +469,66 @@ mod tests {
             status_error("x", &resp(400, "nope")),
             ProviderError::Rejected(_)
         ));
+    }
+
+    /// An exchange's key is temporary: without an expiry in the answer it is served until the
+    /// lifetime asked for. An unreadable expiry on a profile that cannot revoke is settled
+    /// (Rejected, retried in a minute) and says the key could not be revoked: no second call.
+    #[tokio::test]
+    async fn an_exchange_without_expiry_serves_the_lifetime_asked() {
+        use base64::Engine;
+        let dir = tempfile::tempdir().unwrap();
+        let token_file = dir.path().join("token");
+        let b64 = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let jwt = format!(
+            "{}.{}.c2ln",
+            b64(r#"{"alg":"RS256"}"#),
+            b64(r#"{"sub":"a"}"#)
+        );
+        std::fs::write(&token_file, jwt).unwrap();
+        let exchange = wif::Exchange::Oidc {
+            org_id: "o".into(),
+            token_file,
+        };
+        let answers = vec![
+            (
+                200,
+                serde_json::json!({"accessKeyId": "CWA", "secretKey": "s"}),
+            ),
+            (
+                200,
+                serde_json::json!({"accessKeyId": "CWB", "secretKey": "s", "expiry": "soon"}),
+            ),
+        ];
+        let (http, asked) = crate::provider::http::canned::client(answers);
+        let clock = Clock::System;
+        let cw = CoreWeave::federated(
+            http,
+            "http://cw.invalid",
+            Some(exchange),
+            None,
+            clock.clone(),
+        );
+        let before = clock.now();
+        let key = cw
+            .mint("keybroker-1", Duration::from_secs(900))
+            .await
+            .unwrap();
+        let lifetime = time::Duration::seconds(900);
+        assert!(
+            key.expires_at > before + lifetime - time::Duration::seconds(5)
+                && key.expires_at <= clock.now() + lifetime,
+            "{}",
+            key.expires_at
+        );
+        let e = cw
+            .mint("keybroker-2", Duration::from_secs(900))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ProviderError::Rejected(m) if m.contains("CWB") && m.contains("could not be revoked")),
+            "{e:?}"
+        );
+        assert_eq!(asked.lock().unwrap().len(), 2, "no revoke call was made");
     }
 }

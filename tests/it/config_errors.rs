@@ -140,6 +140,18 @@ fn cases(token: &str) -> Vec<(&'static str, String, &'static str, &'static str)>
             "org_id applies only with auth = \"oidc\" or \"saml\"",
         ),
         (
+            "empty org_id",
+            cw("auth = \"oidc\"\norg_id = \"\"\noidc_token_file = \"/run/t\"\n"),
+            "5:10",
+            "org_id is empty",
+        ),
+        (
+            "revoke_on_shutdown without a token to revoke with",
+            "[profiles.t]\nprovider = \"coreweave\"\nauth = \"oidc\"\norg_id = \"o\"\noidc_token_file = \"/run/t\"\nrevoke_on_shutdown = true\n".to_string(),
+            "1:1",
+            "revoke_on_shutdown = true needs token_file",
+        ),
+        (
             "unknown auth",
             cw("auth = \"password\"\n"),
             "4:8",

@@ -77,7 +77,7 @@ impl Slot {
     pub(super) fn add_lost(&self, lease: &str, tag: &str, may_land: bool) {
         let now = self.clock.now();
         if !self.provider.revocable() {
-            let by = format_expiration(now + self.policy.lifetime);
+            let by = format_expiration(now + self.policy.lifetime + LANDING_GRACE);
             tracing::warn!(profile = %self.name, %tag, "a create's answer was lost; without token_file keybroker cannot look for its key, which, if it was made, expires by itself by {by}");
             let _ = self.revoker().close_lease(lease);
             return;

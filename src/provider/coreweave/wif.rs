@@ -17,7 +17,6 @@
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
-use serde::Deserialize;
 use time::OffsetDateTime;
 
 use crate::credentials::{format_expiration, Secret};
@@ -57,6 +56,8 @@ pub struct Request {
     pub principal: Option<String>,
     /// The claims that may be shown (`iss=... aud=...`), for errors about a refused token.
     pub shown_claims: Option<String>,
+    /// The token or assertion, to keep out of errors should the provider quote it back.
+    pub identity: Secret,
 }
 
 impl Exchange {
@@ -114,6 +115,7 @@ impl Exchange {
                     body: Secret::new(body.to_string()),
                     principal: claims.principal(),
                     shown_claims: Some(claims.shown()),
+                    identity,
                 })
             }
             Exchange::Saml {
@@ -131,6 +133,7 @@ impl Exchange {
                     body: Secret::new(body.to_string()),
                     principal: None,
                     shown_claims: None,
+                    identity,
                 })
             }
         }
@@ -162,8 +165,9 @@ fn read_identity(file: &Path, mode: &str) -> Result<Secret, ProviderError> {
     Ok(text)
 }
 
-/// The claims of a JWT that keybroker reads (never verifies).
-#[derive(Debug, Default, Deserialize)]
+/// The claims of a JWT that keybroker reads (never verifies). A claim of an unexpected type
+/// is taken as absent: CoreWeave judges the token, this only helps explain it.
+#[derive(Debug, Default)]
 pub struct Claims {
     /// Issuer.
     pub iss: Option<String>,
@@ -171,21 +175,36 @@ pub struct Claims {
     pub sub: Option<String>,
     /// Audience: one string or a list.
     pub aud: Option<serde_json::Value>,
-    /// Expiry, seconds since the epoch.
+    /// Expiry, seconds since the epoch (a JWT may give a fraction; it is dropped).
     pub exp: Option<i64>,
 }
 
 impl Claims {
-    /// The claims in the payload of `jwt` (`header.payload.signature`, base64url).
+    /// The claims in the payload of `jwt` (`header.payload.signature`, base64url, the header
+    /// and payload JSON objects).
     pub fn decode(jwt: &str) -> Result<Claims, String> {
         let parts: Vec<&str> = jwt.split('.').collect();
-        let [_, payload, _] = parts.as_slice() else {
+        let [header, payload, _] = parts.as_slice() else {
             return Err(format!("{} dot-separated parts, not 3", parts.len()));
         };
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(payload.trim_end_matches('='))
-            .map_err(|_| "its payload is not base64url".to_string())?;
-        serde_json::from_slice(&bytes).map_err(|_| "its payload is not a JSON object".to_string())
+        let object = |part: &str, name: &str| {
+            let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(part.trim_end_matches('='))
+                .map_err(|_| format!("its {name} is not base64url"))?;
+            match serde_json::from_slice(&bytes) {
+                Ok(serde_json::Value::Object(map)) => Ok(map),
+                _ => Err(format!("its {name} is not a JSON object")),
+            }
+        };
+        object(header, "header")?;
+        let claims = object(payload, "payload")?;
+        let text = |k: &str| claims.get(k).and_then(|v| v.as_str()).map(str::to_string);
+        Ok(Claims {
+            iss: text("iss"),
+            sub: text("sub"),
+            aud: claims.get("aud").cloned(),
+            exp: claims.get("exp").and_then(|v| v.as_f64()).map(|e| e as i64),
+        })
     }
 
     /// Refuses a token that has expired or expires within [`EXPIRY_MARGIN`].
@@ -252,15 +271,20 @@ pub fn refused(
     status: http::StatusCode,
     base: ProviderError,
 ) -> ProviderError {
+    let base = redacted(base, request.identity.expose());
     if status.is_server_error() || status == http::StatusCode::TOO_MANY_REQUESTS {
         return base;
     }
     let said = base.to_string();
     let lower = said.to_lowercase();
-    let principal = request.principal.as_deref().unwrap_or("of the token");
+    let what = if mode == "saml" { "assertion" } else { "token" };
+    let principal = match &request.principal {
+        Some(p) => p.clone(),
+        None => format!("of the {what}"),
+    };
     if lower.contains("permission denied") || status == http::StatusCode::FORBIDDEN {
         return ProviderError::Auth(format!(
-            "{said}; permission denied: the token was accepted, but no org access policy lets principal {principal} mint keys (allow cwobject:CreateAccessKeyOIDC, cwobject:CreateAccessKeyFromOIDC or cwobject:CreateAccessKeySAML, and the S3 actions it needs)"
+            "{said}; permission denied: the {what} was accepted, but no org access policy lets principal {principal} mint keys (allow cwobject:CreateAccessKeyOIDC, cwobject:CreateAccessKeyFromOIDC or cwobject:CreateAccessKeySAML, and the S3 actions it needs)"
         ));
     }
     if lower.contains("invalid token")
@@ -277,9 +301,45 @@ pub fn refused(
         } else {
             format!("check that the WIF configuration's issuer URL and audience match the token exactly{claims}, and that CoreWeave can fetch the issuer's keys")
         };
-        return ProviderError::Auth(format!("{said}; token rejected: {check}"));
+        return ProviderError::Auth(format!("{said}; {what} rejected: {check}"));
     }
     base
+}
+
+/// `e` with the identity, and anything shaped like a JWT (`eyJ...`), replaced by
+/// `[redacted]`: a provider's error may quote what it was sent, and the message goes to logs
+/// and status.
+fn redacted(e: ProviderError, identity: &str) -> ProviderError {
+    let clean = |text: String| {
+        let mut text = if identity.is_empty() {
+            text
+        } else {
+            text.replace(identity, "[redacted]")
+        };
+        while let Some(start) = text.find("eyJ") {
+            let len = text[start..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || "-_.=".contains(c)))
+                .unwrap_or(text.len() - start);
+            text.replace_range(start..start + len, "[redacted]");
+        }
+        text
+    };
+    match e {
+        ProviderError::Transient(m) => ProviderError::Transient(clean(m)),
+        ProviderError::Lost(m) => ProviderError::Lost(clean(m)),
+        ProviderError::MayExist(m) => ProviderError::MayExist(clean(m)),
+        ProviderError::RateLimited {
+            retry_after,
+            message,
+        } => ProviderError::RateLimited {
+            retry_after,
+            message: clean(message),
+        },
+        ProviderError::Auth(m) => ProviderError::Auth(clean(m)),
+        ProviderError::Rejected(m) => ProviderError::Rejected(clean(m)),
+        ProviderError::LimitReached(m) => ProviderError::LimitReached(clean(m)),
+        ProviderError::Malformed(m) => ProviderError::Malformed(clean(m)),
+    }
 }
 
 #[cfg(test)]
@@ -349,10 +409,30 @@ mod tests {
     }
 
     #[test]
+    fn a_fractional_exp_is_read_and_other_claims_may_be_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = datetime!(2026-01-01 00:00 UTC);
+        let token = jwt(serde_json::json!({"sub": 7, "exp": now.unix_timestamp() as f64 - 0.5}));
+        let e = oidc(dir.path(), &token)
+            .request(900, "t", now)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("expired at"), "{e}");
+        let token = jwt(serde_json::json!({"sub": 7, "exp": now.unix_timestamp() as f64 + 600.5}));
+        assert!(oidc(dir.path(), &token).request(900, "t", now).is_ok());
+    }
+
+    #[test]
     fn what_is_not_a_jwt_is_refused_without_showing_it() {
         let dir = tempfile::tempdir().unwrap();
         let now = datetime!(2026-01-01 00:00 UTC);
-        for bad in ["s3cr3t-not-a-jwt", "a.%%%.c", "a.bm90IGpzb24.c"] {
+        // The last: GitHub's JSON wrapper around a token, which has three dots-separated parts.
+        for bad in [
+            "s3cr3t-not-a-jwt",
+            "a.%%%.c",
+            "a.bm90IGpzb24.c",
+            r#"{"value":"a.b.c"}"#,
+        ] {
             let e = oidc(dir.path(), bad).request(900, "t", now).err().unwrap();
             let m = e.to_string();
             assert!(m.contains("does not hold a JWT") && !m.contains(bad), "{m}");
@@ -402,6 +482,7 @@ mod tests {
             body: Secret::new("x"),
             principal: Some("role/https://idp:a".into()),
             shown_claims: Some("iss \"https://idp\"".into()),
+            identity: Secret::new("PHNhbWw+c2VjcmV0"),
         };
         let base =
             |m: &str| ProviderError::Rejected(format!("CoreWeave OIDC exchange: HTTP 400: {m}"));
@@ -434,6 +515,13 @@ mod tests {
                 five.clone()
             ),
             five
+        );
+        // What the provider quotes back of the identity never reaches the message.
+        let echo = base("bad assertion PHNhbWw+c2VjcmV0 or token eyJhbGciOi.eyJzdWIi.c2ln, sorry");
+        let m = refused(&req, "saml", http::StatusCode::BAD_REQUEST, echo).to_string();
+        assert!(
+            !m.contains("PHNhbWw") && !m.contains("eyJ") && m.contains("sorry"),
+            "{m}"
         );
     }
 }
