@@ -69,6 +69,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check the daemon for a Kubernetes exec probe or a health check: `live` (it answers)
+    /// or `ready` (every prewarmed profile has a key it would serve). Exit 0 or 1.
+    Probe {
+        /// What to check.
+        #[arg(value_enum)]
+        check: ProbeCheck,
+        /// Daemon socket [default: $KEYBROKER_SOCKET, else the per-user default].
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
     /// Revoke every key an earlier run left behind (the ledger's open leases, and keys with this
     /// broker's tag it no longer tracks), without serving. Refused while a daemon runs.
     Sweep {
@@ -139,6 +149,15 @@ pub enum Command {
     },
 }
 
+/// What `keybroker probe` checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProbeCheck {
+    /// The daemon answers (`GET /healthz`).
+    Live,
+    /// Every prewarmed profile has a key it would serve (`GET /readyz`).
+    Ready,
+}
+
 /// `credential-process --timeout`'s default as written on the command line (main parses it
 /// like a given value).
 fn default_timeout() -> String {
@@ -167,7 +186,7 @@ const MAN_EXTRA: &str = r#".SH "EXIT STATUS"
 Success. For \fBserve\fR: a clean stop with every key revoked. For \fBstatus\fR: every profile is healthy.
 .TP
 1
-A failure, said in one line on stderr: the daemon is unreachable, refused, did not answer in time, or answered with an error; \fBstatus\fR found a profile degraded, unavailable or revoked; \fBserve\fR left keys unrevoked (named in its last log line).
+A failure, said in one line on stderr: the daemon is unreachable, refused, did not answer in time, or answered with an error; \fBstatus\fR found a profile degraded, unavailable or revoked; \fBprobe ready\fR found a prewarmed profile without a key; \fBserve\fR left keys unrevoked (named in its last log line).
 .TP
 64
 Bad usage or an invalid config file (\fIpath:line:col: message\fR).

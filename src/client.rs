@@ -10,7 +10,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::api::{
-    ErrorAnswer, PrincipalRequest, ProfileStatus, RevokeAnswer, RotateAnswer, StatusAnswer,
+    ErrorAnswer, PrincipalRequest, ProfileStatus, Readiness, RevokeAnswer, RotateAnswer,
+    StatusAnswer,
 };
 
 /// What the helper adds to the daemon's wait for a cold mint: connect, write the request,
@@ -383,6 +384,32 @@ pub fn admin(socket: &Path, profile: &str, call: &AdminCall) -> Result<String, S
             "profile {profile}: revoked {revoked}\nit serves no key (HTTP 503) until keybroker rotate {profile}\n"
         ),
     })
+}
+
+/// `keybroker probe live|ready`: `Ok` when the daemon answers `/healthz` (`ready`: `/readyz`)
+/// with 200; else the line saying why, naming each profile that is not ready.
+pub fn probe(socket: &Path, ready: bool) -> Result<(), String> {
+    let path = if ready { "/readyz" } else { "/healthz" };
+    let answer = get(socket, path, STATUS_TIMEOUT)?;
+    if answer.status == 200 {
+        return Ok(());
+    }
+    let readiness = serde_json::from_slice::<Readiness>(&answer.body)
+        .ok()
+        .filter(|_| ready);
+    let Some(readiness) = readiness else {
+        return Err(format!(
+            "the daemon answered {path} with HTTP {}: {}",
+            answer.status,
+            answer.error_message()
+        ));
+    };
+    let profiles: Vec<String> = readiness
+        .profiles
+        .iter()
+        .map(|p| format!("{} ({}: {})", p.profile, p.state, p.reason))
+        .collect();
+    Err(format!("not ready: {}", profiles.join("; ")))
 }
 
 /// `keybroker status`: prints the table (or the daemon's JSON) and tells whether every

@@ -36,6 +36,13 @@ fn main() -> ExitCode {
             timeout,
         } => credential_process(&profile, socket.as_deref(), &timeout),
         Command::Status { socket, json } => status(socket.as_deref(), json),
+        Command::Probe { check, socket } => {
+            let socket = paths::resolve_client_socket(socket.as_deref());
+            match client::probe(&socket, check == keybroker::cli::ProbeCheck::Ready) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(line) => fail(&line),
+            }
+        }
         Command::Rotate { profile, socket } => {
             admin(socket.as_deref(), &profile, &client::AdminCall::Rotate)
         }
@@ -67,7 +74,7 @@ fn refused(e: &clap::Error) -> ExitCode {
         }
         _ if matches!(
             keybroker::cli::named_subcommand(std::env::args_os()).as_deref(),
-            Some("credential-process" | "status")
+            Some("credential-process" | "status" | "probe")
         ) =>
         {
             ExitCode::FAILURE

@@ -568,6 +568,7 @@ fn completions_and_man_pages_come_from_the_command_line_definition() {
         "revoke-principal",
         "check-config",
         "sweep",
+        "probe",
     ] {
         assert!(script.contains(command), "{command}");
     }
@@ -610,7 +611,7 @@ fn completions_and_man_pages_come_from_the_command_line_definition() {
     std::fs::create_dir(&dir).unwrap();
     let (code, listed, _) = env.run(&["man", "--dir", dir.to_str().unwrap()]);
     assert_eq!(code, 0);
-    assert_eq!(listed.lines().count(), 11, "{listed}");
+    assert_eq!(listed.lines().count(), 12, "{listed}");
     let sub = std::fs::read_to_string(dir.join("keybroker-revoke-principal.1")).unwrap();
     assert!(
         sub.contains(".TH keybroker-revoke-principal 1") && sub.contains("\\-\\-yes"),
@@ -686,4 +687,35 @@ async fn admin_calls_under_provider_failures_leave_no_key_behind() {
 
     assert!(daemon.stop(Duration::from_secs(25)).0.success());
     assert!(fake.live().is_empty(), "{:?}", fake.live());
+}
+
+/// `keybroker probe`, for Kubernetes exec probes: `live` passes once the daemon answers;
+/// `ready` fails (exit 1, naming the profile and why) while the prewarmed key is being minted
+/// and passes once it is served; both fail with no daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_live_and_ready_follow_the_daemon() {
+    let env = Env::new();
+    let (code, _, err) = run(&env, &["probe", "live"]);
+    assert_eq!(code, 1, "no daemon: {err}");
+    assert!(err.contains("no keybroker socket at"), "{err}");
+    let config = env.config("[profiles.slow]\nprovider = \"dev\"\nmint_delay = \"4s\"\n");
+    let mut daemon = tokio::task::block_in_place(|| env.serve(&config, "info"));
+    let (code, _, err) = run(&env, &["probe", "live"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(&env, &["probe", "ready"]);
+    assert_eq!(code, 1, "before the prewarmed key: {err}");
+    assert!(err.contains("not ready: slow (minting:"), "{err}");
+    wait_until("the prewarmed key", || daemon.logs().contains("minted key")).await;
+    let (code, out, err) = run(&env, &["probe", "ready"]);
+    assert_eq!((code, out.as_str()), (0, ""), "{err}");
+    let (code, _, err) = run(&env, &["probe", "sideways"]);
+    assert_eq!(
+        code, 1,
+        "a refused probe line exits 1 like every client failure: {err}"
+    );
+    assert!(
+        tokio::task::block_in_place(|| daemon.stop(Duration::from_secs(25)))
+            .0
+            .success()
+    );
 }
