@@ -16,10 +16,10 @@ if [ ! -f "$stamp" ]; then
 fi
 export KEYBROKER_TEST_PYTHON="$PWD/$venv/bin/python"
 
+sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
 # The unit-file test runs systemd-analyze, from Debian's systemd package.
 if ! command -v systemd-analyze >/dev/null; then
   echo "==> installing systemd (for systemd-analyze)"
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends systemd >/dev/null
 fi
@@ -44,6 +44,21 @@ if [ ! -x "$machete" ]; then
   cargo install cargo-machete --version 0.9.2 --locked --quiet --root "$tools"
 fi
 "$machete" --with-metadata
+echo "==> promtool: alert rules (deploy/prometheus)"
+# promtool comes from Debian's prometheus package, unpacked into the tools cache, not installed:
+# installing it would also set up (and try to start) a Prometheus server.
+promtool=$(command -v promtool || echo "$tools/bin/promtool")
+if [ ! -x "$promtool" ]; then
+  echo "==> fetching promtool (apt-get download prometheus, unpacked)"
+  fetch=$(mktemp -d)
+  (cd "$fetch" && { apt-get download prometheus 2>/dev/null || { $sudo apt-get update -qq && apt-get download prometheus 2>/dev/null; }; })
+  dpkg-deb -x "$fetch"/prometheus_*.deb "$fetch/x"
+  mkdir -p "$tools/bin"
+  cp "$fetch/x/usr/bin/promtool" "$tools/bin/promtool"
+  rm -rf "$fetch"
+fi
+"$promtool" check rules deploy/prometheus/keybroker-rules.yml
+"$promtool" test rules deploy/prometheus/keybroker-rules.test.yml
 echo "==> cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 echo "==> cargo test"
