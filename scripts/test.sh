@@ -61,6 +61,9 @@ fi
 "$promtool" test rules deploy/prometheus/keybroker-rules.test.yml
 echo "==> cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
+echo "==> release build (scripts/build-release.sh: the shipped binary, for tests/it/shipped.rs and the bench)"
+KEYBROKER_SHIPPED_BIN=$(scripts/build-release.sh)
+export KEYBROKER_SHIPPED_BIN
 echo "==> cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -12,6 +12,7 @@ mod moto;
 mod operator;
 mod promise;
 mod recovery;
+mod shipped;
 mod socket_trust;
 mod state_files;
 mod systemd;
