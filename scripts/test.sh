@@ -68,6 +68,8 @@ echo "==> cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --locked 2>&1 | tee "$log"
+echo "==> Debian package (scripts/test-deb.sh)"
+scripts/test-deb.sh
 echo "==> benchmark smoke (bench/run.sh --smoke)"
 bench/run.sh --smoke
 # One closing line with the totals over every test binary.
