@@ -97,22 +97,6 @@ impl CoreWeave {
         }
     }
 
-    /// Sends `body` to `path` without credentials: the identity in the body is the credential.
-    async fn post_anonymous(
-        &self,
-        path: &str,
-        body: &Secret,
-    ) -> Result<HttpResponse, ProviderError> {
-        let req = Request::builder()
-            .method(Method::POST)
-            .uri(format!("{}{path}", self.endpoint))
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .header(http::header::ACCEPT, "application/json")
-            .body(Bytes::from(body.expose().to_string()))
-            .map_err(|e| ProviderError::Rejected(format!("bad request to {path}: {e}")))?;
-        self.http.send(req).await
-    }
-
     /// Mints by exchanging the workload's identity.
     async fn exchange(
         &self,
@@ -124,7 +108,9 @@ impl CoreWeave {
         let mode = exchange.mode();
         let call = format!("{} exchange", mode.to_uppercase());
         let sent_at = self.clock.now();
-        let resp = self.post_anonymous(request.path, &request.body).await?;
+        // No credentials: the identity in the body is the credential.
+        let body = Bytes::from(request.body.expose().to_string());
+        let resp = self.send_post(request.path, body, None).await?;
         if !resp.status.is_success() {
             let base = super::refused_create(resp.status, status_error(&call, &resp));
             return Err(wif::refused(&request, mode, resp.status, base));
@@ -200,18 +186,34 @@ impl CoreWeave {
         })
     }
 
+    /// POSTs `body` to `path` with the API token.
     async fn post(
         &self,
         path: &str,
         body: serde_json::Value,
     ) -> Result<HttpResponse, ProviderError> {
-        let req = Request::builder()
+        let bearer = self.bearer()?;
+        self.send_post(path, Bytes::from(body.to_string()), Some(bearer))
+            .await
+    }
+
+    /// POSTs the JSON `body` to `path`, with `Authorization: <authorization>` if given.
+    async fn send_post(
+        &self,
+        path: &str,
+        body: Bytes,
+        authorization: Option<String>,
+    ) -> Result<HttpResponse, ProviderError> {
+        let mut req = Request::builder()
             .method(Method::POST)
-            .uri(format!("{}{path}", self.endpoint))
-            .header(http::header::AUTHORIZATION, self.bearer()?)
+            .uri(format!("{}{path}", self.endpoint));
+        if let Some(value) = authorization {
+            req = req.header(http::header::AUTHORIZATION, value);
+        }
+        let req = req
             .header(http::header::CONTENT_TYPE, "application/json")
             .header(http::header::ACCEPT, "application/json")
-            .body(Bytes::from(body.to_string()))
+            .body(body)
             .map_err(|e| ProviderError::Rejected(format!("bad request to {path}: {e}")))?;
         self.http.send(req).await
     }

@@ -99,6 +99,26 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
+    /// The same error, its message passed through `f` (to keep something out of it).
+    pub fn map_message(self, f: impl FnOnce(String) -> String) -> ProviderError {
+        match self {
+            ProviderError::Transient(m) => ProviderError::Transient(f(m)),
+            ProviderError::Lost(m) => ProviderError::Lost(f(m)),
+            ProviderError::MayExist(m) => ProviderError::MayExist(f(m)),
+            ProviderError::RateLimited {
+                retry_after,
+                message,
+            } => ProviderError::RateLimited {
+                retry_after,
+                message: f(message),
+            },
+            ProviderError::Auth(m) => ProviderError::Auth(f(m)),
+            ProviderError::Rejected(m) => ProviderError::Rejected(f(m)),
+            ProviderError::LimitReached(m) => ProviderError::LimitReached(f(m)),
+            ProviderError::Malformed(m) => ProviderError::Malformed(f(m)),
+        }
+    }
+
     /// The shortest wait before a request may trigger another attempt. Errors a retry cannot
     /// fix quickly wait longer, so a crowd of clients cannot turn into a retry storm.
     pub fn retry_floor(&self) -> Duration {

@@ -324,22 +324,7 @@ fn redacted(e: ProviderError, identity: &str) -> ProviderError {
         }
         text
     };
-    match e {
-        ProviderError::Transient(m) => ProviderError::Transient(clean(m)),
-        ProviderError::Lost(m) => ProviderError::Lost(clean(m)),
-        ProviderError::MayExist(m) => ProviderError::MayExist(clean(m)),
-        ProviderError::RateLimited {
-            retry_after,
-            message,
-        } => ProviderError::RateLimited {
-            retry_after,
-            message: clean(message),
-        },
-        ProviderError::Auth(m) => ProviderError::Auth(clean(m)),
-        ProviderError::Rejected(m) => ProviderError::Rejected(clean(m)),
-        ProviderError::LimitReached(m) => ProviderError::LimitReached(clean(m)),
-        ProviderError::Malformed(m) => ProviderError::Malformed(clean(m)),
-    }
+    e.map_message(clean)
 }
 
 #[cfg(test)]
