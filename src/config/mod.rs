@@ -83,6 +83,20 @@ pub struct ServerConfig {
     pub container_listen: Option<SocketAddr>,
 }
 
+impl Default for ServerConfig {
+    /// A config file without `[server]`: every key at its default.
+    fn default() -> Self {
+        ServerConfig {
+            socket: None,
+            socket_mode: DEFAULT_SOCKET_MODE,
+            socket_group: None,
+            state_dir: None,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            container_listen: None,
+        }
+    }
+}
+
 /// `[profiles.NAME]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProfileConfig {
@@ -281,14 +295,7 @@ fn one_profile_per_crusoe_user(
 }
 
 fn server_config(loc: &Located<'_>, raw: Option<RawServer>) -> Result<ServerConfig, ConfigError> {
-    let mut server = ServerConfig {
-        socket: None,
-        socket_mode: DEFAULT_SOCKET_MODE,
-        socket_group: None,
-        state_dir: None,
-        shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
-        container_listen: None,
-    };
+    let mut server = ServerConfig::default();
     let Some(raw) = raw else { return Ok(server) };
     if let Some(socket) = raw.socket {
         if !socket.get_ref().is_absolute() {
@@ -401,14 +408,7 @@ pub fn dev() -> Config {
     };
     Config {
         path: PathBuf::from("<dev>"),
-        server: ServerConfig {
-            socket: None,
-            socket_mode: DEFAULT_SOCKET_MODE,
-            socket_group: None,
-            state_dir: None,
-            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
-            container_listen: None,
-        },
+        server: ServerConfig::default(),
         profiles: BTreeMap::from([("dev".to_string(), profile)]),
     }
 }
