@@ -613,42 +613,8 @@ impl FakeCloud {
         let body: Value = serde_json::from_slice(req.body()).unwrap_or(Value::Null);
         match (req.method(), req.uri().path()) {
             (&Method::POST, "/v1/cwobject/access-key") => {
-                let Some(seconds) = body["durationSeconds"].as_u64() else {
-                    return err(StatusCode::BAD_REQUEST, 3, "duration required");
-                };
-                if seconds == 0 || seconds > 43_200 {
-                    return err(
-                        StatusCode::BAD_REQUEST,
-                        3,
-                        "durationSeconds must be in 1..43200 for this test fake",
-                    );
-                }
-                let tag = body["attributes"]["keybroker-lease"]
-                    .as_str()
-                    .map(str::to_string);
-                let key = match self
-                    .create(
-                        "coreweave",
-                        tag,
-                        Some(Duration::from_secs(seconds)),
-                        |s, m| err(s, 14, m),
-                    )
+                self.coreweave_create(&body, COREWEAVE_PRINCIPAL.to_string())
                     .await
-                {
-                    Ok(k) => k,
-                    Err(resp) => return resp,
-                };
-                let expiry = self
-                    .faults()
-                    .expiry_override
-                    .unwrap_or_else(|| rfc3339(key.expires_at.unwrap()));
-                reply(
-                    StatusCode::OK,
-                    json!({
-                        "accessKeyId": key.id, "secretKey": key.secret, "principalName": COREWEAVE_PRINCIPAL,
-                        "expiry": expiry, "attributes": body["attributes"],
-                    }),
-                )
             }
             (&Method::POST, "/v1/cwobject/revoke-access-key/access-key") => {
                 let Some(id) = body["accessKey"].as_str() else {
@@ -705,16 +671,6 @@ impl FakeCloud {
             return err(StatusCode::NOT_FOUND, 5, "no such method");
         }
         let body: Value = serde_json::from_slice(req.body()).unwrap_or(Value::Null);
-        let seconds = match body["durationSeconds"].as_u64() {
-            Some(s @ 1..=43_200) => s,
-            _ => {
-                return err(
-                    StatusCode::BAD_REQUEST,
-                    3,
-                    "durationSeconds must be in 1..43200 for this test fake",
-                )
-            }
-        };
         if body["orgId"].as_str() != Some(WIF_ORG) {
             return err(StatusCode::BAD_REQUEST, 3, "unknown organization");
         }
@@ -764,16 +720,32 @@ impl FakeCloud {
             }
             _ => return err(StatusCode::NOT_FOUND, 5, "no such method"),
         };
+        self.coreweave_create(&body, principal).await
+    }
+
+    /// A CoreWeave create, by API token or exchange: `durationSeconds` checked, the key made
+    /// with the body's tag for `principal`, answered in CoreWeave's camelCase shape.
+    async fn coreweave_create(&self, body: &Value, principal: String) -> Response<Bytes> {
+        let err = |status: StatusCode, code: u16, message: &str| {
+            reply(status, json!({"code": code, "message": message}))
+        };
+        let seconds = match body["durationSeconds"].as_u64() {
+            Some(s @ 1..=43_200) => s,
+            None => return err(StatusCode::BAD_REQUEST, 3, "duration required"),
+            Some(_) => {
+                return err(
+                    StatusCode::BAD_REQUEST,
+                    3,
+                    "durationSeconds must be in 1..43200 for this test fake",
+                )
+            }
+        };
         let tag = body["attributes"]["keybroker-lease"]
             .as_str()
             .map(str::to_string);
+        let lifetime = Some(Duration::from_secs(seconds));
         let key = match self
-            .create(
-                "coreweave",
-                tag,
-                Some(Duration::from_secs(seconds)),
-                |s, m| err(s, 14, m),
-            )
+            .create("coreweave", tag, lifetime, |s, m| err(s, 14, m))
             .await
         {
             Ok(k) => k,
@@ -782,11 +754,15 @@ impl FakeCloud {
         if let Some(k) = self.lock().keys.get_mut(&key.id) {
             k.principal = Some(principal.clone());
         }
+        let expiry = self
+            .faults()
+            .expiry_override
+            .unwrap_or_else(|| rfc3339(key.expires_at.unwrap()));
         reply(
             StatusCode::OK,
             json!({
                 "accessKeyId": key.id, "secretKey": key.secret, "principalName": principal,
-                "expiry": rfc3339(key.expires_at.unwrap()), "attributes": body["attributes"],
+                "expiry": expiry, "attributes": body["attributes"],
             }),
         )
     }
