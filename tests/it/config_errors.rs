@@ -205,22 +205,35 @@ fn each_mistake_has_its_own_located_message() {
 }
 
 #[test]
-fn secret_files_open_to_group_or_others_are_refused() {
+fn secret_files_open_to_others_or_a_foreign_group_are_refused() {
     let env = Env::new();
     let token = env.secret_file("token", "secret-token\n");
-    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o640)).unwrap();
     let path = env.config(&format!(
         "[profiles.a]\nprovider = \"coreweave\"\ntoken_file = \"{}\"\n",
         token.display()
     ));
-    let (code, _, stderr) = env.run(&["check-config", "--config", path.to_str().unwrap()]);
+    let check = |mode: u32| {
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(mode)).unwrap();
+        env.run(&["check-config", "--config", path.to_str().unwrap()])
+    };
+    let (code, _, stderr) = check(0o644);
     assert_eq!(code, 64);
     assert!(
         stderr.contains(":3:14: ")
-            && stderr.contains("readable by group or others (mode 0640)")
+            && stderr.contains("open to others (mode 0644)")
             && stderr.contains("chmod 600"),
         "{stderr}"
     );
+    let (code, _, stderr) = check(0o660);
+    assert_eq!(code, 64);
+    assert!(
+        stderr.contains("writable by its group (mode 0660)"),
+        "{stderr}"
+    );
+    // The file's group is the group keybroker runs as (the test made the file), so the group
+    // may read it: a Kubernetes Secret given to a pod's fsGroup is read this way.
+    let (code, _, stderr) = check(0o440);
+    assert_eq!(code, 0, "{stderr}");
     // Without a '/', the name is a systemd credential in $CREDENTIALS_DIRECTORY.
     let path = env.config("[profiles.a]\nprovider = \"coreweave\"\ntoken_file = \"cw-token\"\n");
     let (code, _, stderr) = env.run(&["check-config", "--config", path.to_str().unwrap()]);
