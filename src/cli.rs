@@ -141,6 +141,16 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+    /// Lay out DIR for a daemon and the workloads on its node to share (run as root, e.g. by
+    /// a Kubernetes init container): DIR/bin/keybroker, a copy of this binary for
+    /// credential_process, and DIR/socket/, the daemon's socket directory, given to its user.
+    InstallNode {
+        /// The shared directory, e.g. /run/keybroker (a hostPath volume); made if missing.
+        dir: PathBuf,
+        /// The user the daemon runs as, in numbers, e.g. 65532:65532.
+        #[arg(long, value_name = "UID:GID")]
+        daemon_user: String,
+    },
     /// Validate a config file without starting.
     CheckConfig {
         /// Config file [default: $KEYBROKER_CONFIG, else /etc/keybroker/keybroker.toml].

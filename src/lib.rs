@@ -14,7 +14,8 @@
 //! Around them: [`config`] (TOML, validated with file positions), [`daemon`] (start-up and the
 //! ordered shutdown), [`client`] (the `credential-process` side, std only), [`cli`], [`clock`]
 //! (injectable time for paused-clock tests), [`files`] (directories made with explicit modes),
-//! [`logging`] and [`users`].
+//! [`logging`], [`users`], and [`node`] (`install-node`: the directory a node's workloads
+//! share with its daemon).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -31,6 +32,7 @@ pub mod files;
 pub mod ledger;
 pub mod logging;
 pub mod metrics;
+pub mod node;
 pub mod paths;
 pub mod provider;
 pub mod recovery;

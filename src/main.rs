@@ -61,6 +61,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Man { dir } => man(dir.as_deref()),
+        Command::InstallNode { dir, daemon_user } => install_node(&dir, &daemon_user),
     }
 }
 
@@ -352,4 +353,21 @@ fn man(dir: Option<&Path>) -> ExitCode {
         println!("{}", path.display());
     }
     ExitCode::SUCCESS
+}
+
+/// `keybroker install-node DIR --daemon-user UID:GID`.
+fn install_node(dir: &Path, daemon_user: &str) -> ExitCode {
+    let user = match keybroker::node::parse_user(daemon_user) {
+        Ok(u) => u,
+        Err(line) => return fail_usage(&line),
+    };
+    match keybroker::node::install(dir, user) {
+        Ok(lines) => {
+            for line in lines {
+                println!("{line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(line) => fail(&line),
+    }
 }

@@ -7,6 +7,7 @@ mod daemon;
 mod e2e;
 mod fake_cloud;
 mod harness;
+mod kubernetes;
 mod layout;
 mod moto;
 mod operator;
