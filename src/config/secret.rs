@@ -66,7 +66,7 @@ fn check_private(meta: &Metadata, credential: bool, path: &Path) -> Result<(), S
     let mode = meta.permissions().mode() & 0o777;
     privacy(mode, meta.uid(), meta.gid(), credential, &groups).map_err(|why| {
         format!(
-            "{why} (mode {mode:04o}); a secret file must be private: chmod 600 {}",
+            "{why} (mode {mode:04o}); a secret file must be private (chmod 600 {}), or readable only by a group keybroker runs in (mode 0440)",
             path.display()
         )
     })
@@ -93,7 +93,7 @@ fn privacy(mode: u32, uid: u32, gid: u32, credential: bool, groups: &[u32]) -> R
     }
     if !groups.contains(&gid) {
         return Err(format!(
-            "readable by group {gid}, which keybroker is not in (a group keybroker runs in may read it, mode 0440)"
+            "readable by group {gid}, which keybroker is not in"
         ));
     }
     Ok(())

@@ -349,7 +349,7 @@ fn a_secret_file_another_user_owns_is_refused() {
 
 /// A systemd credential that systemd handed to the service's user through an ACL (root's file,
 /// mode 0440, group root) is read; the same file named by a path, outside
-/// `$CREDENTIALS_DIRECTORY`, is refused as readable by group.
+/// `$CREDENTIALS_DIRECTORY`, is read only while keybroker (root here) is in its group.
 #[test]
 fn a_systemd_credential_shared_by_acl_is_read() {
     assert_root();
@@ -377,9 +377,14 @@ fn a_systemd_credential_shared_by_acl_is_read() {
 
     let config = env.config(&profile(token.to_str().unwrap()));
     let (code, _, stderr) = env.run(&["check-config", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    // A group root is not in.
+    std::os::unix::fs::chown(&token, Some(0), Some(4242)).unwrap();
+    let (code, _, stderr) = env.run(&["check-config", "--config", config.to_str().unwrap()]);
     assert_eq!(code, 64, "{stderr}");
     assert!(
-        stderr.contains("readable by group or others (mode 0440)"),
+        stderr.contains("readable by group 4242, which keybroker is not in")
+            && stderr.contains("(mode 0440)"),
         "{stderr}"
     );
 }
