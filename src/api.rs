@@ -345,3 +345,64 @@ mod tests {
         assert_eq!(back.slot.state, State::Ready);
     }
 }
+
+/// `GET /v1/profiles`: the profiles the caller may read, with what a client needs to use them
+/// (`keybroker aws-config`, `keybroker exec`). Never a secret.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProfilesAnswer {
+    /// By name.
+    pub profiles: Vec<ClientProfile>,
+}
+
+/// One profile as a client sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientProfile {
+    /// The keybroker profile.
+    pub name: String,
+    /// Its provider (`coreweave`, `crusoe`, `glesys`, `dev`).
+    pub provider: String,
+    /// Its S3 service, the profile's settings over the provider's defaults.
+    pub s3: S3Settings,
+    /// The container endpoint for this profile, when the daemon serves one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerAccess>,
+}
+
+/// How SDKs reach a provider's S3 service.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct S3Settings {
+    /// The endpoint URL, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// The region to sign for, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// `virtual` or `path`, when the provider needs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addressing_style: Option<String>,
+    /// SDKs should send and check checksums only when an operation requires them: the store
+    /// may reject the ones SDKs send by default.
+    #[serde(default)]
+    pub checksums_when_required: bool,
+    /// Settings no default can fill, each with the line to add to the profile.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<MissingSetting>,
+}
+
+/// A client setting the profile lacks and the line that gives it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MissingSetting {
+    /// The AWS setting: `endpoint_url` or `region`.
+    pub setting: String,
+    /// What to add to the profile's table in keybroker.toml, e.g. `s3_region = "US-EAST-04A"`.
+    pub add: String,
+}
+
+/// The container endpoint of one profile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerAccess {
+    /// `AWS_CONTAINER_CREDENTIALS_FULL_URI`.
+    pub url: String,
+    /// `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`: readable by those the file's mode lets in.
+    pub token_file: std::path::PathBuf,
+}

@@ -69,6 +69,46 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print an AWS config block per profile you may read (credential_process, S3 endpoint,
+    /// region, addressing style), or merge them into your AWS config file with --write.
+    AwsConfig {
+        /// The keybroker profiles [default: every one you may read].
+        profiles: Vec<String>,
+        /// Put before each profile's name to make the AWS profile's name.
+        #[arg(long, default_value = "keybroker-")]
+        prefix: String,
+        /// Merge into the AWS config file: replace the blocks keybroker wrote before, add the
+        /// others, leave everything else as it is.
+        #[arg(long)]
+        write: bool,
+        /// The file --write merges into [default: $AWS_CONFIG_FILE, else ~/.aws/config].
+        #[arg(long, value_name = "PATH", requires = "write")]
+        file: Option<PathBuf>,
+        /// Daemon socket [default: $KEYBROKER_SOCKET, else the per-user default].
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
+    /// Run COMMAND with a profile's keys and S3 settings in its environment (no AWS config
+    /// needed); keybroker replaces itself with COMMAND.
+    ///
+    /// Exit status: COMMAND's; 125 when keybroker fails first, 126 when COMMAND cannot be run,
+    /// 127 when it is not found.
+    Exec {
+        /// The keybroker profile.
+        #[arg(long)]
+        profile: String,
+        /// Daemon socket [default: $KEYBROKER_SOCKET, else the per-user default].
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// The command and its arguments.
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "COMMAND"
+        )]
+        command: Vec<std::ffi::OsString>,
+    },
     /// Check the daemon for a Kubernetes exec probe or a health check: `live` (it answers)
     /// or `ready` (every prewarmed profile has a key it would serve). Exit 0 or 1.
     Probe {

@@ -2,6 +2,8 @@
 //! runtime, one deadline over connect, write and read (aws-cli spawns this on every command).
 //! Before sending anything the client checks who serves the socket ([`trust`]).
 
+pub mod aws_config;
+pub mod exec;
 mod trust;
 
 use std::io::{self, Read, Write};
@@ -10,8 +12,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::api::{
-    ErrorAnswer, PrincipalRequest, ProfileStatus, Readiness, RevokeAnswer, RotateAnswer,
-    StatusAnswer,
+    ClientProfile, ErrorAnswer, PrincipalRequest, ProfileStatus, ProfilesAnswer, Readiness,
+    RevokeAnswer, RotateAnswer, StatusAnswer,
 };
 
 /// What the helper adds to the daemon's wait for a cold mint: connect, write the request,
@@ -410,6 +412,21 @@ pub fn probe(socket: &Path, ready: bool) -> Result<(), String> {
         .map(|p| format!("{} ({}: {})", p.profile, p.state, p.reason))
         .collect();
     Err(format!("not ready: {}", profiles.join("; ")))
+}
+
+/// The profiles the caller may read, with their S3 settings (`GET /v1/profiles`).
+pub fn profiles(socket: &Path) -> Result<Vec<ClientProfile>, String> {
+    let answer = get(socket, "/v1/profiles", STATUS_TIMEOUT)?;
+    if answer.status != 200 {
+        return Err(format!(
+            "profiles: the daemon answered HTTP {}: {}",
+            answer.status,
+            answer.error_message()
+        ));
+    }
+    serde_json::from_slice::<ProfilesAnswer>(&answer.body)
+        .map(|a| a.profiles)
+        .map_err(|e| format!("profiles: unreadable answer from the daemon: {e}"))
 }
 
 /// `keybroker status`: prints the table (or the daemon's JSON) and tells whether every

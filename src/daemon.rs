@@ -337,7 +337,7 @@ fn spec_from(p: &crate::config::ProfileConfig, clock: &Clock) -> Result<ProfileS
     })
 }
 
-/// Who may read each profile, from the config.
+/// Who may read each profile, and what its clients need, from the config.
 pub fn access_from(config: &Config) -> Access {
     Access {
         daemon_uid: rustix::process::getuid().as_raw(),
@@ -346,6 +346,23 @@ pub fn access_from(config: &Config) -> Access {
             .values()
             .map(|p| (p.name.clone(), (p.allow_uids.clone(), p.allow_gids.clone())))
             .collect(),
+        clients: config
+            .profiles
+            .values()
+            .map(|p| {
+                let client = crate::api::ClientProfile {
+                    name: p.name.clone(),
+                    provider: p.provider.as_str().to_string(),
+                    s3: crate::s3::settings(p.provider, &p.s3),
+                    container: None,
+                };
+                (p.name.clone(), client)
+            })
+            .collect(),
+        container_url: config
+            .server
+            .container_listen
+            .map(|addr| format!("http://{addr}/v1/container-credentials/")),
     }
 }
 

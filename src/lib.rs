@@ -36,6 +36,7 @@ pub mod node;
 pub mod paths;
 pub mod provider;
 pub mod recovery;
+pub mod s3;
 pub mod server;
 pub mod systemd;
 pub mod users;

@@ -62,6 +62,33 @@ fn main() -> ExitCode {
         }
         Command::Man { dir } => man(dir.as_deref()),
         Command::InstallNode { dir, daemon_user } => install_node(&dir, &daemon_user),
+        Command::AwsConfig {
+            profiles,
+            prefix,
+            write,
+            file,
+            socket,
+        } => {
+            let socket = paths::resolve_client_socket(socket.as_deref());
+            let write = write.then_some(file.as_deref());
+            match client::aws_config::run(&socket, &profiles, &prefix, write) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(line) => fail(&line),
+            }
+        }
+        Command::Exec {
+            profile,
+            socket,
+            command,
+        } => {
+            let socket = paths::resolve_client_socket(socket.as_deref());
+            let (code, line) = client::exec::run(&socket, &profile, &command);
+            eprintln!("keybroker exec: {line}");
+            ExitCode::from(code)
+        }
     }
 }
 
@@ -210,22 +237,27 @@ fn stopped(report: &StopReport) -> ExitCode {
 }
 
 fn print_dev_banner(socket: &Path) {
-    let exe = std::env::current_exe()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| "keybroker".into());
-    let socket_arg = if paths::resolve_client_socket(None) == socket {
-        String::new()
-    } else {
-        format!(" --socket {}", socket.display())
+    let exe = std::env::current_exe().unwrap_or_else(|_| "keybroker".into());
+    let helper = client::aws_config::Helper {
+        exe: &exe,
+        socket: (paths::implicit_client_socket() != socket).then_some(socket),
+    };
+    let dev = keybroker::api::ClientProfile {
+        name: "dev".into(),
+        provider: "dev".into(),
+        s3: keybroker::api::S3Settings::default(),
+        container: None,
     };
     println!(
         "keybroker dev mode: profile \"dev\" on {}",
         socket.display()
     );
     println!("Keys are made in process (no cloud); they expire and are revoked like real ones.");
-    println!("Add this to ~/.aws/config, then run: aws configure list --profile keybroker-dev\n");
-    println!("[profile keybroker-dev]");
-    println!("credential_process = {exe} credential-process --profile dev{socket_arg}\n");
+    println!("Add this to ~/.aws/config (or run keybroker aws-config --write{}), then run: aws configure list --profile keybroker-dev\n", helper.socket.map(|s| format!(" --socket {}", s.display())).unwrap_or_default());
+    println!(
+        "{}",
+        client::aws_config::block(&dev, "keybroker-dev", &helper)
+    );
     println!("Stop with Ctrl-C: every key is revoked before exit.");
     let _ = std::io::stdout().flush();
 }

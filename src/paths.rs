@@ -71,9 +71,12 @@ pub fn resolve_socket(flag: Option<&Path>, configured: Option<&Path>) -> PathBuf
 /// default, except that a non-root user with no daemon of their own reaches the system
 /// daemon at [`SYSTEM_SOCKET`] without flags.
 pub fn resolve_client_socket(flag: Option<&Path>) -> PathBuf {
-    if let Some(p) = explicit_socket(flag) {
-        return p;
-    }
+    explicit_socket(flag).unwrap_or_else(implicit_client_socket)
+}
+
+/// The socket a client finds with neither `--socket` nor `$KEYBROKER_SOCKET`: the per-user
+/// default, or [`SYSTEM_SOCKET`] for a non-root user with no daemon of their own.
+pub fn implicit_client_socket() -> PathBuf {
     let own = default_socket();
     let system = Path::new(SYSTEM_SOCKET);
     if !own.exists() && system.exists() {

@@ -120,6 +120,20 @@ pub struct ProfileConfig {
     pub allow_uids: Vec<u32>,
     /// Peer gids allowed to read the profile.
     pub allow_gids: Vec<u32>,
+    /// The S3 settings clients get from `aws-config` and `exec` (`s3_*` keys), as written.
+    pub s3: S3Config,
+}
+
+/// A profile's `s3_endpoint`, `s3_region` and `s3_addressing_style`, checked; the provider's
+/// defaults fill the rest when a client asks (`crate::s3`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct S3Config {
+    /// The S3 endpoint URL (`"lota"` is already CoreWeave's in-cluster URL here).
+    pub endpoint: Option<String>,
+    /// The region SDKs sign for.
+    pub region: Option<String>,
+    /// `virtual` or `path`.
+    pub addressing_style: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -173,6 +187,9 @@ struct RawProfile {
     allow_uids: Option<Vec<u32>>,
     allow_groups: Option<Vec<Spanned<toml::Value>>>,
     mint_delay: Option<Spanned<String>>,
+    s3_endpoint: Option<Spanned<String>>,
+    s3_region: Option<Spanned<String>>,
+    s3_addressing_style: Option<Spanned<String>>,
 }
 
 /// Turns byte spans into located errors.
@@ -405,6 +422,7 @@ pub fn dev() -> Config {
         revoke_on_shutdown: true,
         allow_uids: vec![rustix::process::getuid().as_raw()],
         allow_gids: Vec::new(),
+        s3: S3Config::default(),
     };
     Config {
         path: PathBuf::from("<dev>"),

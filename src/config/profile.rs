@@ -9,7 +9,7 @@ use toml::Spanned;
 
 use super::secret::{read_secret, secret_path};
 use super::{
-    group_id, ConfigError, Located, ProfileConfig, RawProfile, DEFAULT_LIFETIME,
+    group_id, ConfigError, Located, ProfileConfig, RawProfile, S3Config, DEFAULT_LIFETIME,
     DEFAULT_MIN_REMAINING, SHORT_KEY_THRESHOLD,
 };
 use crate::broker::RenewPolicy;
@@ -80,6 +80,7 @@ pub(super) fn profile_config(
         .map(|f| loc.beside_config(f.get_ref().clone()));
     let policy = renew_policy(&p, &raw)?;
     let (allow_uids, allow_gids) = access_lists(loc, &raw)?;
+    let s3 = s3_config(&p, &raw)?;
     Ok(ProfileConfig {
         name: name.get_ref().clone(),
         provider: p.provider,
@@ -91,6 +92,78 @@ pub(super) fn profile_config(
         revoke_on_shutdown: raw.revoke_on_shutdown.unwrap_or(true),
         allow_uids,
         allow_gids,
+        s3,
+    })
+}
+
+/// CoreWeave's S3 endpoint inside its clusters (LOTA), which `s3_endpoint = "lota"` names.
+pub const COREWEAVE_LOTA: &str = "http://cwlota.com";
+
+/// The `s3_*` keys: an http(s) URL with a host (or `"lota"` on CoreWeave), a region of
+/// printable characters without spaces, and `virtual` or `path`.
+fn s3_config(p: &Profile<'_>, raw: &RawProfile) -> Result<S3Config, ConfigError> {
+    let endpoint = match &raw.s3_endpoint {
+        None => None,
+        Some(v) if v.get_ref() == "lota" => {
+            if p.provider != ProviderKind::Coreweave {
+                return Err(p.at(
+                    v.span(),
+                    format!("s3_endpoint \"lota\" is CoreWeave's in-cluster endpoint, not provider {}'s; give a URL", p.provider),
+                ));
+            }
+            Some(COREWEAVE_LOTA.to_string())
+        }
+        Some(v) => {
+            let url = v.get_ref();
+            let ok = url.parse::<http::Uri>().is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https"))
+                    && u.host().is_some_and(|h| !h.is_empty())
+            });
+            if !ok {
+                return Err(p.at(
+                    v.span(),
+                    format!(
+                        "s3_endpoint {url:?} is not a URL like \"https://s3.example.com\"{}",
+                        if p.provider == ProviderKind::Coreweave {
+                            " (or \"lota\")"
+                        } else {
+                            ""
+                        }
+                    ),
+                ));
+            }
+            Some(url.trim_end_matches('/').to_string())
+        }
+    };
+    let region = match &raw.s3_region {
+        None => None,
+        Some(v) => {
+            let region = v.get_ref();
+            if region.is_empty() || !region.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(p.at(
+                    v.span(),
+                    format!("s3_region {region:?} must be one word of printable characters, like \"US-EAST-04A\""),
+                ));
+            }
+            Some(region.clone())
+        }
+    };
+    let addressing_style = match &raw.s3_addressing_style {
+        None => None,
+        Some(v) => match v.get_ref().as_str() {
+            style @ ("virtual" | "path") => Some(style.to_string()),
+            other => {
+                return Err(p.at(
+                    v.span(),
+                    format!("s3_addressing_style {other:?} is not \"virtual\" or \"path\""),
+                ))
+            }
+        },
+    };
+    Ok(S3Config {
+        endpoint,
+        region,
+        addressing_style,
     })
 }
 

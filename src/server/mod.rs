@@ -28,7 +28,7 @@ pub use admin::ADMIN_WAIT;
 pub use conn::Limits;
 pub use socket::{bind_socket, BindError, BoundSocket};
 
-use crate::api::{ErrorAnswer, ErrorBody};
+use crate::api::{ClientProfile, ContainerAccess, ErrorAnswer, ErrorBody, ProfilesAnswer};
 use crate::broker::Broker;
 
 /// Who may read what.
@@ -38,6 +38,11 @@ pub struct Access {
     pub daemon_uid: u32,
     /// Per profile: the uids and gids that may read its keys.
     pub profiles: std::collections::HashMap<String, (Vec<u32>, Vec<u32>)>,
+    /// Per profile: what `aws-config` and `exec` need (`GET /v1/profiles`), the container
+    /// endpoint left out.
+    pub clients: std::collections::HashMap<String, ClientProfile>,
+    /// The container endpoint's URL for credentials, without the profile name, when it is on.
+    pub container_url: Option<String>,
 }
 
 /// A connected peer, from SO_PEERCRED.
@@ -231,6 +236,7 @@ pub async fn handle(app: &App, peer: Peer, req: Request<Incoming>) -> Response<B
             resp
         }
         "/readyz" => report::readiness(app),
+        "/v1/profiles" => json_ok(&profiles(app, peer)),
         "/v1/status" => {
             if !app.access.load().is_admin(peer) {
                 return forbidden(peer, "status is for root and the daemon's user");
@@ -256,6 +262,30 @@ pub async fn handle(app: &App, peer: Peer, req: Request<Incoming>) -> Response<B
             &format!("no such endpoint {path}; try /v1/credentials/PROFILE"),
         ),
     }
+}
+
+/// The profiles `peer` may read, by name, each with its container endpoint when the daemon
+/// serves one for it.
+fn profiles(app: &App, peer: Peer) -> ProfilesAnswer {
+    let access = app.access.load();
+    let mut profiles: Vec<ClientProfile> = access
+        .clients
+        .values()
+        .filter(|p| access.may_read(&p.name, peer))
+        .map(|p| {
+            let mut p = p.clone();
+            let file = app.container.as_ref().and_then(|c| c.file(&p.name));
+            if let (Some(url), Some(token_file)) = (&access.container_url, file) {
+                p.container = Some(ContainerAccess {
+                    url: format!("{url}{}", p.name),
+                    token_file,
+                });
+            }
+            p
+        })
+        .collect();
+    profiles.sort_by(|a, b| a.name.cmp(&b.name));
+    ProfilesAnswer { profiles }
 }
 
 fn not_allowed(method: &Method, allow: &'static str) -> Response<Body> {

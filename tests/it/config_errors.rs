@@ -163,6 +163,30 @@ fn cases(token: &str) -> Vec<(&'static str, String, &'static str, &'static str)>
             "3:8",
             "auth does not apply to provider dev",
         ),
+        (
+            "s3_endpoint not a URL",
+            cw("s3_endpoint = \"cwobject.com\"\n"),
+            "4:15",
+            "s3_endpoint \"cwobject.com\" is not a URL like \"https://s3.example.com\" (or \"lota\")",
+        ),
+        (
+            "lota on another provider",
+            "[profiles.a]\nprovider = \"dev\"\ns3_endpoint = \"lota\"\n".to_string(),
+            "3:15",
+            "s3_endpoint \"lota\" is CoreWeave's in-cluster endpoint, not provider dev's",
+        ),
+        (
+            "s3_region with a space",
+            cw("s3_region = \"US EAST\"\n"),
+            "4:13",
+            "s3_region \"US EAST\" must be one word",
+        ),
+        (
+            "unknown addressing style",
+            cw("s3_addressing_style = \"auto\"\n"),
+            "4:23",
+            "s3_addressing_style \"auto\" is not \"virtual\" or \"path\"",
+        ),
     ]
 }
 

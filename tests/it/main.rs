@@ -1,6 +1,7 @@
 //! keybroker's integration tests: one binary (one link step for the whole suite), modules by subject.
 
 mod broker_time;
+mod client_setup;
 mod config_errors;
 mod connections;
 mod daemon;

@@ -611,7 +611,7 @@ fn completions_and_man_pages_come_from_the_command_line_definition() {
     std::fs::create_dir(&dir).unwrap();
     let (code, listed, _) = env.run(&["man", "--dir", dir.to_str().unwrap()]);
     assert_eq!(code, 0);
-    assert_eq!(listed.lines().count(), 13, "{listed}");
+    assert_eq!(listed.lines().count(), 15, "{listed}");
     assert!(listed.contains("/keybroker-install-node.1\n"), "{listed}");
     let sub = std::fs::read_to_string(dir.join("keybroker-revoke-principal.1")).unwrap();
     assert!(
