@@ -2,6 +2,7 @@
 //! with `--write`) and `keybroker exec`, each used by aws-cli against moto's S3, which checks
 //! every signature. No test here has a `~/.aws/config` of its own.
 
+use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -210,6 +211,17 @@ async fn aws_config_write_merges_and_aws_cli_reaches_s3() {
         "{err}"
     );
     assert_eq!(std::fs::read_to_string(&theirs).unwrap(), text);
+
+    // A new file, in a directory that does not exist yet, is private.
+    let fresh = s.env.path("new/.aws/config");
+    let (code, out, err) = s
+        .env
+        .run(&["aws-config", "--write", "--file", fresh.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with("added profile keybroker-p\n"), "{out}");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&fresh), 0o600);
+    assert_eq!(mode(fresh.parent().unwrap()), 0o700);
     s.finish();
 }
 
@@ -260,6 +272,17 @@ async fn exec_runs_aws_cli_with_the_profile_and_nothing_else() {
             err.contains("keybroker exec: keybroker-no-such-command: command not found"),
             "{err}"
         );
+        let not_runnable = s.env.path("not-runnable");
+        std::fs::write(&not_runnable, "#!/bin/sh\n").unwrap();
+        let out = s
+            .clean(crate::harness::BIN)
+            .args(["exec", "--profile", "p", "--"])
+            .arg(&not_runnable)
+            .output()
+            .unwrap();
+        let (code, _, err) = outcome(out);
+        assert_eq!(code, 126, "{err}");
+        assert!(err.contains("cannot run it"), "{err}");
         let nested = format!("{} exec --profile p -- true", crate::harness::BIN);
         let (code, _, err) = exec(&nested);
         assert_eq!(code, 125, "{err}");

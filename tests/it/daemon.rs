@@ -535,6 +535,8 @@ fn dev_mode_serves_without_a_config() {
     )
     .unwrap();
     assert!(expiration - OffsetDateTime::now_utc() > time::Duration::minutes(55));
+    let (code, block, err) = env.run(&["aws-config"]);
+    assert_eq!(code, 0, "{err}");
     rustix::process::kill_process(
         rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
         Signal::TERM,
@@ -547,8 +549,12 @@ fn dev_mode_serves_without_a_config() {
         banner.contains(&env.socket().display().to_string()),
         "{banner}"
     );
+    // The block `keybroker aws-config` prints for the same profile.
+    assert!(banner.contains(&block), "{banner}\n{block}");
     assert!(
-        banner.contains("credential_process = ")
+        banner.contains(
+            "# >>> keybroker aws-config: profile keybroker-dev\n[profile keybroker-dev]\n"
+        ) && banner.contains("credential_process = ")
             && banner.contains("credential-process --profile dev"),
         "{banner}"
     );
