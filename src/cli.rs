@@ -60,8 +60,11 @@ pub enum Command {
         )]
         timeout: String,
     },
-    /// Show every profile's key, expiry, next renewal, state and last error.
+    /// Show every profile's key, expiry, next renewal, state and last error (or those of the
+    /// profiles named).
     Status {
+        /// Only these profiles [default: every one].
+        profiles: Vec<String>,
         /// Daemon socket [default: $KEYBROKER_SOCKET, else the per-user default].
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,

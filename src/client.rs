@@ -32,8 +32,9 @@ pub const CREDENTIALS_TIMEOUT: Duration =
 /// call.
 pub const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Largest answer the client reads.
-const MAX_RESPONSE: usize = 1 << 20;
+/// Largest status line and headers the client reads. The body is read to its
+/// `Content-Length`, whatever that is: status grows with the profile count and has no cap.
+const MAX_HEAD: usize = 64 << 10;
 
 /// An answer from the daemon.
 #[derive(Debug)]
@@ -192,6 +193,8 @@ fn exchange(
     })?;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
+    // The whole answer's length, once its head has been read.
+    let mut expected: Option<usize> = None;
     loop {
         let Some(left) = remaining() else {
             return Err(Failure::TimedOut);
@@ -204,13 +207,23 @@ fn exchange(
             Ok(0) => break,
             Ok(n) => {
                 buf.extend_from_slice(&chunk[..n]);
-                if buf.len() > MAX_RESPONSE {
-                    return Err(Failure::Other(format!(
-                        "the keybroker daemon at {shown} sent an oversized answer"
-                    )));
+                // Once the head is read, only the length is checked until the body is in.
+                if expected.is_some_and(|total| buf.len() < total) {
+                    continue;
                 }
-                if let Some(answer) = parse(&buf)? {
-                    return Ok(answer);
+                match parse(&buf)? {
+                    Parsed::Done(answer) => return Ok(answer),
+                    Parsed::Body(total) => {
+                        // Reserved up front, within reason: the length is the daemon's word.
+                        buf.reserve(total.saturating_sub(buf.len()).min(64 << 20));
+                        expected = Some(total);
+                    }
+                    Parsed::Head if buf.len() > MAX_HEAD => {
+                        return Err(Failure::Other(format!(
+                            "the keybroker daemon at {shown} sent an oversized answer head"
+                        )));
+                    }
+                    Parsed::Head => {}
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -233,20 +246,31 @@ fn exchange(
             }
         }
     }
-    parse(&buf)?.ok_or_else(|| {
-        Failure::Other(format!(
+    match parse(&buf)? {
+        Parsed::Done(answer) => Ok(answer),
+        _ => Err(Failure::Other(format!(
             "the keybroker daemon at {shown} closed the connection mid-answer"
-        ))
-    })
+        ))),
+    }
 }
 
-/// Parses a complete response, or `None` if more bytes are needed.
-fn parse(buf: &[u8]) -> Result<Option<Answer>, String> {
+/// How far an answer has been read.
+enum Parsed {
+    /// The head is not complete yet.
+    Head,
+    /// The head is read; the answer is this many bytes in all.
+    Body(usize),
+    /// All of it.
+    Done(Answer),
+}
+
+/// Parses the response read so far.
+fn parse(buf: &[u8]) -> Result<Parsed, String> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut resp = httparse::Response::new(&mut headers);
     let head_len = match resp.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
+        Ok(httparse::Status::Partial) => return Ok(Parsed::Head),
         Err(e) => return Err(format!("the keybroker daemon sent a malformed answer: {e}")),
     };
     let header = |name: &str| {
@@ -264,9 +288,9 @@ fn parse(buf: &[u8]) -> Result<Option<Answer>, String> {
     };
     let body = &buf[head_len..];
     if body.len() < length {
-        return Ok(None);
+        return Ok(Parsed::Body(head_len.saturating_add(length)));
     }
-    Ok(Some(Answer {
+    Ok(Parsed::Done(Answer {
         status: resp.code.unwrap_or(0),
         retry_after: header("retry-after").and_then(|v| v.parse().ok()),
         body: body[..length].to_vec(),
@@ -431,8 +455,15 @@ pub fn profiles(socket: &Path) -> Result<Vec<ClientProfile>, String> {
 
 /// `keybroker status`: prints the table (or the daemon's JSON) and tells whether every
 /// profile is healthy (not degraded, unavailable or revoked).
-pub fn status(socket: &Path, json: bool) -> Result<bool, String> {
-    let answer = get(socket, "/v1/status", STATUS_TIMEOUT)?;
+pub fn status(socket: &Path, json: bool, only: &[String]) -> Result<bool, String> {
+    let mut path = "/v1/status".to_string();
+    if !only.is_empty() {
+        for name in only {
+            check_profile(name)?;
+        }
+        path = format!("{path}?profiles={}", only.join(","));
+    }
+    let answer = get(socket, &path, STATUS_TIMEOUT)?;
     if answer.status != 200 {
         return Err(format!(
             "status: the daemon answered HTTP {}: {}",
@@ -565,9 +596,14 @@ mod tests {
     fn parses_complete_and_partial_answers() {
         let full =
             b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 2\r\nretry-after: 7\r\n\r\n{}";
-        assert!(parse(&full[..20]).unwrap().is_none());
-        assert!(parse(&full[..full.len() - 1]).unwrap().is_none());
-        let a = parse(full).unwrap().unwrap();
+        assert!(matches!(parse(&full[..20]), Ok(Parsed::Head)));
+        assert!(matches!(
+            parse(&full[..full.len() - 1]),
+            Ok(Parsed::Body(n)) if n == full.len()
+        ));
+        let Ok(Parsed::Done(a)) = parse(full) else {
+            panic!("not parsed");
+        };
         assert_eq!(
             (a.status, a.retry_after, a.body.as_slice()),
             (503, Some(7), &b"{}"[..])

@@ -35,7 +35,11 @@ fn main() -> ExitCode {
             socket,
             timeout,
         } => credential_process(&profile, socket.as_deref(), &timeout),
-        Command::Status { socket, json } => status(socket.as_deref(), json),
+        Command::Status {
+            profiles,
+            socket,
+            json,
+        } => status(socket.as_deref(), json, &profiles),
         Command::Probe { check, socket } => {
             let socket = paths::resolve_client_socket(socket.as_deref());
             match client::probe(&socket, check == keybroker::cli::ProbeCheck::Ready) {
@@ -322,9 +326,9 @@ fn credential_process(profile: &str, socket: Option<&Path>, timeout: &str) -> Ex
 }
 
 /// `keybroker status`: 0 when every profile is healthy.
-fn status(socket: Option<&Path>, json: bool) -> ExitCode {
+fn status(socket: Option<&Path>, json: bool, profiles: &[String]) -> ExitCode {
     let socket = paths::resolve_client_socket(socket);
-    match client::status(&socket, json) {
+    match client::status(&socket, json, profiles) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(line) => fail(&line),

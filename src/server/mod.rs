@@ -241,7 +241,19 @@ pub async fn handle(app: &App, peer: Peer, req: Request<Incoming>) -> Response<B
             if !app.access.load().is_admin(peer) {
                 return forbidden(peer, "status is for root and the daemon's user");
             }
-            json_response(StatusCode::OK, report::status_body(app))
+            let query = req.uri().query().unwrap_or("");
+            let only: Option<Vec<&str>> = query
+                .split('&')
+                .find_map(|pair| pair.strip_prefix("profiles="))
+                .map(|list| list.split(',').filter(|n| !n.is_empty()).collect());
+            match report::status_body(app, only.as_deref()) {
+                Ok(body) => json_response(StatusCode::OK, body),
+                Err(unknown) => error_response(
+                    StatusCode::NOT_FOUND,
+                    "unknown_profile",
+                    &format!("no such profile: {}", unknown.join(", ")),
+                ),
+            }
         }
         "/metrics" => {
             if !app.access.load().is_admin(peer) {

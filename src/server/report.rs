@@ -61,11 +61,23 @@ impl From<&SlotStatus> for crate::metrics::ProfileValues {
     }
 }
 
-pub(super) fn status_body(app: &App) -> Bytes {
-    let profiles = app
-        .broker
-        .slots()
+/// The body of `GET /v1/status`, of every profile or of those in `only` (`?profiles=a,b`); the
+/// error lists names in `only` that are not profiles.
+pub(super) fn status_body(app: &App, only: Option<&[&str]>) -> Result<Bytes, Vec<String>> {
+    let slots = app.broker.slots();
+    if let Some(only) = only {
+        let unknown: Vec<String> = only
+            .iter()
+            .filter(|n| !slots.iter().any(|(name, _)| name == *n))
+            .map(|n| n.to_string())
+            .collect();
+        if !unknown.is_empty() {
+            return Err(unknown);
+        }
+    }
+    let profiles = slots
         .iter()
+        .filter(|(name, _)| only.is_none_or(|only| only.contains(&name.as_str())))
         .map(|(name, slot)| ProfileStatus {
             name: name.to_string(),
             provider: slot.provider().kind().to_string(),
@@ -79,8 +91,8 @@ pub(super) fn status_body(app: &App) -> Bytes {
             slot: slot.status(),
         })
         .collect();
-    json_body(&StatusAnswer {
+    Ok(json_body(&StatusAnswer {
         version: env!("CARGO_PKG_VERSION").to_string(),
         profiles,
-    })
+    }))
 }

@@ -720,3 +720,48 @@ async fn probe_live_and_ready_follow_the_daemon() {
             .success()
     );
 }
+
+/// `status` has no size cap: 4,000 profiles make an answer of several MiB, listed whole by
+/// `status --json`; `status PROFILE...` asks for those only, and an unknown name is refused.
+#[test]
+fn status_lists_thousands_of_profiles_and_filters_by_name() {
+    let env = Env::new();
+    let mut toml = String::new();
+    for i in 0..4000 {
+        toml += &format!("[profiles.p{i}]\nprovider = \"dev\"\nprewarm = false\n");
+    }
+    let config = env.config(&toml);
+    let mut daemon = env.serve(&config, "warn");
+    // The daemon answers while it is still setting profiles up: wait for all of them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (out, listed) = loop {
+        let (code, out, err) = env.run(&["status", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        let all: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let listed = all["profiles"].as_array().unwrap().len();
+        if listed == 4000 || std::time::Instant::now() > deadline {
+            break (out, listed);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(listed, 4000);
+    assert!(out.len() > 1 << 20, "only {} bytes", out.len());
+
+    let (code, out, err) = env.run(&["status", "--json", "p7", "p3999"]);
+    assert_eq!(code, 0, "{err}");
+    let some: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let names: Vec<&str> = some["profiles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    let mut names = names;
+    names.sort_unstable();
+    assert_eq!(names, ["p3999", "p7"]);
+    let (code, _, err) = env.run(&["status", "p7", "nope", "p8"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no such profile: nope"), "{err}");
+    let (status, _) = daemon.stop(Duration::from_secs(20));
+    assert!(status.success(), "{}", daemon.logs());
+}
