@@ -18,6 +18,7 @@ use crate::broker::{Broker, BrokerOptions, ProfileSpec, StopReport};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::ledger::Ledger;
+use crate::provider::Upstreams;
 use crate::recovery::{recover, Recovery, Target};
 use crate::server::container::ContainerTokens;
 use crate::server::{self, Access, App, BoundSocket, Listener};
@@ -63,6 +64,7 @@ pub struct Running {
     servers: Vec<tokio::task::JoinHandle<()>>,
     stop_server: CancellationToken,
     shutdown_timeout: Duration,
+    upstreams: Arc<Upstreams>,
 }
 
 /// How to run, beyond the profiles and the socket.
@@ -76,6 +78,8 @@ pub struct Options {
     pub shutdown_timeout: Duration,
     /// The container endpoint's address, if enabled.
     pub container_listen: Option<SocketAddr>,
+    /// The provider connections and pacers, for profiles a reload adds.
+    pub upstreams: Arc<Upstreams>,
 }
 
 /// Starts serving `profiles` on `socket` (and the container endpoint, if configured). Must run
@@ -141,6 +145,7 @@ pub fn start(
         servers,
         stop_server,
         shutdown_timeout: options.shutdown_timeout,
+        upstreams: options.upstreams,
     })
 }
 
@@ -188,7 +193,7 @@ impl Running {
         // Build every new provider first: a failure leaves everything as it was.
         let mut specs = Vec::new();
         for p in &coming {
-            match spec_from(p, &Clock::System) {
+            match spec_from(p, &Clock::System, &self.upstreams) {
                 Ok(spec) => specs.push(spec),
                 Err(e) => {
                     tracing::error!(
@@ -289,19 +294,23 @@ pub struct Setup {
     /// `serve --dev`: keys live in memory only (the state directory is not touched) and
     /// there is no config file for SIGHUP to read again.
     pub dev: bool,
+    /// The provider connections and pacers the profiles share; profiles a reload adds join them.
+    pub upstreams: Arc<Upstreams>,
 }
 
 impl Setup {
     /// Wires `config`: builds each profile's provider (a bad `ca_file` fails here), resolves the
     /// socket and the state directory. Must run inside a tokio runtime.
     pub fn new(config: Config, clock: &Clock) -> Result<Self, DaemonError> {
+        let upstreams = Arc::new(Upstreams::new(config.server.upstream_concurrency));
         let profiles = config
             .profiles
             .values()
-            .map(|p| spec_from(p, clock))
+            .map(|p| spec_from(p, clock, &upstreams))
             .collect::<Result<_, _>>()?;
         Ok(Setup {
             profiles,
+            upstreams,
             socket: crate::paths::resolve_socket(None, config.server.socket.as_deref()),
             activated: None,
             state_dir: crate::paths::resolve_state_dir(config.server.state_dir.as_deref()),
@@ -320,12 +329,22 @@ impl Setup {
 }
 
 /// One profile's provider and policy, ready for the broker.
-fn spec_from(p: &crate::config::ProfileConfig, clock: &Clock) -> Result<ProfileSpec, DaemonError> {
-    let provider = crate::provider::build(&p.credentials, &p.endpoint, p.ca_file.as_deref(), clock)
-        .map_err(|source| DaemonError::Provider {
-            profile: p.name.clone(),
-            source,
-        })?;
+fn spec_from(
+    p: &crate::config::ProfileConfig,
+    clock: &Clock,
+    upstreams: &Upstreams,
+) -> Result<ProfileSpec, DaemonError> {
+    let provider = crate::provider::build(
+        &p.credentials,
+        &p.endpoint,
+        p.ca_file.as_deref(),
+        clock,
+        upstreams,
+    )
+    .map_err(|source| DaemonError::Provider {
+        profile: p.name.clone(),
+        source,
+    })?;
     Ok(ProfileSpec {
         name: p.name.clone(),
         provider,
@@ -448,6 +467,7 @@ pub async fn run(setup: Setup, stop: impl Future<Output = ()>) -> Result<StopRep
         activated,
         state_dir,
         dev,
+        upstreams,
     } = setup;
     let mut broker = BrokerOptions::new(Clock::System);
     if !dev {
@@ -479,6 +499,7 @@ pub async fn run(setup: Setup, stop: impl Future<Output = ()>) -> Result<StopRep
         broker,
         shutdown_timeout: config.server.shutdown_timeout,
         container_listen: config.server.container_listen,
+        upstreams,
     };
     let running = start(profiles, socket, options)?;
     tracing::info!(socket = %socket_path.display(), profiles = ?names, "serving");

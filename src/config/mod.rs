@@ -31,6 +31,9 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
 /// Socket file mode when the config sets none: the daemon's user only.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 
+/// `upstream_concurrency` when the file does not set it.
+pub const DEFAULT_UPSTREAM_CONCURRENCY: usize = 8;
+
 /// A configuration error, located in the file where possible.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -81,6 +84,8 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// The loopback container-credentials endpoint's address, if enabled.
     pub container_listen: Option<SocketAddr>,
+    /// At most this many calls in flight per provider endpoint and credential.
+    pub upstream_concurrency: usize,
 }
 
 impl Default for ServerConfig {
@@ -93,6 +98,7 @@ impl Default for ServerConfig {
             state_dir: None,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             container_listen: None,
+            upstream_concurrency: DEFAULT_UPSTREAM_CONCURRENCY,
         }
     }
 }
@@ -152,6 +158,7 @@ struct RawServer {
     socket_group: Option<Spanned<toml::Value>>,
     state_dir: Option<Spanned<PathBuf>>,
     shutdown_timeout: Option<Spanned<String>>,
+    upstream_concurrency: Option<Spanned<i64>>,
     container: Option<RawContainer>,
 }
 
@@ -351,6 +358,20 @@ fn server_config(loc: &Located<'_>, raw: Option<RawServer>) -> Result<ServerConf
                 "shutdown_timeout must be greater than zero: keys need time to be revoked",
             ));
         }
+    }
+    if let Some(n) = raw.upstream_concurrency {
+        server.upstream_concurrency = usize::try_from(*n.get_ref())
+            .ok()
+            .filter(|n| (1..=1024).contains(n))
+            .ok_or_else(|| {
+                loc.at(
+                    n.span(),
+                    format!(
+                        "upstream_concurrency {} must be 1 to 1024: the calls in flight at once to one provider endpoint",
+                        n.get_ref()
+                    ),
+                )
+            })?;
     }
     if let Some(container) = raw.container {
         let listen = &container.listen;

@@ -14,6 +14,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use super::pacer::Pacer;
 use super::ProviderError;
 
 /// Upper bound on an upstream response body; provider answers are a few hundred bytes.
@@ -49,6 +50,9 @@ enum Transport {
 pub struct HttpClient {
     transport: Transport,
     timeout: Duration,
+    /// The endpoint's pacer, shared with every other profile on the same endpoint and
+    /// credential; none in unit tests.
+    pacer: Option<Arc<Pacer>>,
 }
 
 impl std::fmt::Debug for HttpClient {
@@ -121,6 +125,7 @@ impl HttpClient {
         Ok(HttpClient {
             transport: Transport::Network(client),
             timeout,
+            pacer: None,
         })
     }
 
@@ -129,21 +134,43 @@ impl HttpClient {
         HttpClient {
             transport: Transport::InProcess(handler),
             timeout,
+            pacer: None,
         }
     }
 
-    /// Sends `req` and buffers the answer, within the per-call timeout. Transport failures and
-    /// timeouts are [`ProviderError::Transient`] when nothing was sent and [`ProviderError::Lost`]
+    /// The same client, its calls paced by `pacer`.
+    pub fn with_pacer(&self, pacer: Arc<Pacer>) -> Self {
+        HttpClient {
+            pacer: Some(pacer),
+            ..self.clone()
+        }
+    }
+
+    /// Sends `req` and buffers the answer, within the per-call timeout, once the pacer gives
+    /// it a place (the wait is not part of the timeout). Transport failures and timeouts are
+    /// [`ProviderError::Transient`] when nothing was sent and [`ProviderError::Lost`]
     /// otherwise; the status is left to the caller to map.
     pub async fn send(&self, req: Request<Bytes>) -> Result<HttpResponse, ProviderError> {
         let what = format!("{} {}", req.method(), req.uri().path());
-        match tokio::time::timeout(self.timeout, self.send_inner(req)).await {
+        let permit = match &self.pacer {
+            Some(pacer) => Some(pacer.acquire().await),
+            None => None,
+        };
+        let result = match tokio::time::timeout(self.timeout, self.send_inner(req)).await {
             Ok(result) => result,
             Err(_) => Err(ProviderError::Lost(format!(
                 "{what}: no answer within {}",
                 humantime::format_duration(self.timeout)
             ))),
+        };
+        if let (Some(pacer), Some(permit), Ok(resp)) = (&self.pacer, &permit, &result) {
+            if resp.status == StatusCode::TOO_MANY_REQUESTS {
+                pacer.throttled(permit);
+            } else {
+                pacer.answered();
+            }
         }
+        result
     }
 
     async fn send_inner(&self, req: Request<Bytes>) -> Result<HttpResponse, ProviderError> {

@@ -9,7 +9,11 @@ pub mod crusoe;
 pub mod dev;
 pub mod glesys;
 pub mod http;
+pub mod pacer;
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -380,19 +384,93 @@ pub enum ProviderCredentials {
     },
 }
 
+/// A daemon's upstream connections: one HTTP client (TLS setup and connection pool) per
+/// `ca_file`, and one [`pacer::Pacer`] per provider endpoint and credential, shared by every
+/// profile that uses them, across reloads.
+#[derive(Debug)]
+pub struct Upstreams {
+    concurrency: usize,
+    clients: std::sync::Mutex<HashMap<Option<PathBuf>, http::HttpClient>>,
+    pacers: std::sync::Mutex<HashMap<(String, u64), Arc<pacer::Pacer>>>,
+}
+
+impl Upstreams {
+    /// Upstreams allowing at most `concurrency` calls in flight per endpoint and credential.
+    pub fn new(concurrency: usize) -> Self {
+        Upstreams {
+            concurrency,
+            clients: Default::default(),
+            pacers: Default::default(),
+        }
+    }
+
+    /// The client for an `endpoint` reached with `credentials`, trusting `ca_file`.
+    fn client(
+        &self,
+        ca_file: Option<&Path>,
+        endpoint: &str,
+        credentials: &ProviderCredentials,
+    ) -> Result<http::HttpClient, http::TlsSetupError> {
+        let base = {
+            let mut clients = self.clients.lock().expect("upstreams lock poisoned");
+            match clients.get(&ca_file.map(Path::to_path_buf)) {
+                Some(client) => client.clone(),
+                None => {
+                    let client = http::HttpClient::new(ca_file, http::DEFAULT_CALL_TIMEOUT)?;
+                    clients.insert(ca_file.map(Path::to_path_buf), client.clone());
+                    client
+                }
+            }
+        };
+        let key = (endpoint.to_string(), credentials.identity());
+        let pacer = Arc::clone(
+            self.pacers
+                .lock()
+                .expect("upstreams lock poisoned")
+                .entry(key)
+                .or_insert_with(|| pacer::Pacer::new(self.concurrency)),
+        );
+        Ok(base.with_pacer(pacer))
+    }
+}
+
+impl ProviderCredentials {
+    /// Which account the provider sees calls from, as a number: profiles with the same one
+    /// share the provider's rate limit. Derived from secrets, and never shown.
+    fn identity(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        match self {
+            ProviderCredentials::Coreweave { token, exchange } => {
+                token.as_ref().map(Secret::expose).hash(&mut h);
+                exchange
+                    .as_ref()
+                    .map(|e| e.file().to_path_buf())
+                    .hash(&mut h);
+            }
+            ProviderCredentials::Crusoe { access_key_id, .. } => access_key_id.hash(&mut h),
+            ProviderCredentials::Glesys { project, .. } => project.hash(&mut h),
+            ProviderCredentials::Dev { .. } => {}
+        }
+        h.finish()
+    }
+}
+
 /// Builds the provider for `credentials` at `endpoint`, trusting `ca_file` (else the system's
-/// roots) for HTTPS.
+/// roots) for HTTPS, its calls paced with every other profile on the same endpoint and
+/// credential.
 pub fn build(
     credentials: &ProviderCredentials,
     endpoint: &str,
-    ca_file: Option<&std::path::Path>,
+    ca_file: Option<&Path>,
     clock: &Clock,
-) -> Result<std::sync::Arc<dyn Provider>, http::TlsSetupError> {
+    upstreams: &Upstreams,
+) -> Result<Arc<dyn Provider>, http::TlsSetupError> {
+    let client = || upstreams.client(ca_file, endpoint, credentials);
     Ok(match credentials {
         ProviderCredentials::Coreweave { token, exchange } => {
-            let client = http::HttpClient::new(ca_file, http::DEFAULT_CALL_TIMEOUT)?;
-            std::sync::Arc::new(coreweave::CoreWeave::federated(
-                client,
+            Arc::new(coreweave::CoreWeave::federated(
+                client()?,
                 endpoint,
                 exchange.clone(),
                 token.clone(),
@@ -403,34 +481,28 @@ pub fn build(
             access_key_id,
             secret,
             org_id,
-        } => {
-            let client = http::HttpClient::new(ca_file, http::DEFAULT_CALL_TIMEOUT)?;
-            std::sync::Arc::new(crusoe::Crusoe::new(
-                client,
-                endpoint,
-                access_key_id,
-                secret.clone(),
-                org_id.clone(),
-                clock.clone(),
-            ))
-        }
+        } => Arc::new(crusoe::Crusoe::new(
+            client()?,
+            endpoint,
+            access_key_id,
+            secret.clone(),
+            org_id.clone(),
+            clock.clone(),
+        )),
         ProviderCredentials::Glesys {
             project,
             api_key,
             instance_id,
-        } => {
-            let client = http::HttpClient::new(ca_file, http::DEFAULT_CALL_TIMEOUT)?;
-            std::sync::Arc::new(glesys::Glesys::new(
-                client,
-                endpoint,
-                project,
-                api_key.clone(),
-                instance_id,
-                clock.clone(),
-            ))
-        }
+        } => Arc::new(glesys::Glesys::new(
+            client()?,
+            endpoint,
+            project,
+            api_key.clone(),
+            instance_id,
+            clock.clone(),
+        )),
         ProviderCredentials::Dev { mint_delay } => {
-            std::sync::Arc::new(dev::Dev::new(clock.clone()).with_mint_delay(*mint_delay))
+            Arc::new(dev::Dev::new(clock.clone()).with_mint_delay(*mint_delay))
         }
     })
 }

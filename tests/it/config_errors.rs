@@ -164,6 +164,12 @@ fn cases(token: &str) -> Vec<(&'static str, String, &'static str, &'static str)>
             "auth does not apply to provider dev",
         ),
         (
+            "no upstream concurrency",
+            format!("[server]\nupstream_concurrency = 0\n{}", cw("")),
+            "2:24",
+            "upstream_concurrency 0 must be 1 to 1024",
+        ),
+        (
             "s3_endpoint not a URL",
             cw("s3_endpoint = \"cwobject.com\"\n"),
             "4:15",

@@ -111,6 +111,9 @@ pub struct Faults {
     /// With `create_latency`: the key lands at the end of the delay, not on arrival, and it
     /// lands even if the caller gave up on the answer (the provider goes on with the create).
     pub lands_late: bool,
+    /// A rate limit on creates, per second: a token bucket holding one second of them. A
+    /// create beyond it gets 429 with `Retry-After: 1` at once (counted as `throttled`).
+    pub create_rate: Option<u32>,
 }
 
 /// The status the router uses to mean "drop this answer".
@@ -127,6 +130,11 @@ struct State {
     extra_orgs: usize,
     /// OIDC subjects no access policy allows to mint.
     denied_subjects: Vec<String>,
+    /// `create_rate`'s bucket: tokens left, and when it was last filled.
+    bucket: Option<(f64, std::time::Instant)>,
+    /// Creates being answered now, and the most there have been at once.
+    creates_in_flight: usize,
+    peak_creates_in_flight: usize,
 }
 
 pub struct FakeCloud {
@@ -1027,7 +1035,17 @@ impl FakeCloud {
         error: impl Fn(StatusCode, &str) -> Response<Bytes>,
     ) -> Result<FakeKey, Response<Bytes>> {
         self.count("create");
+        let _in_flight = InFlight::enter(self);
         let faults = self.faults();
+        if let Some(rate) = faults.create_rate {
+            if !self.take_token(rate) {
+                self.count("throttled");
+                let mut resp = error(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
+                resp.headers_mut()
+                    .insert(http::header::RETRY_AFTER, 1.into());
+                return Err(resp);
+            }
+        }
         if let Some((status, message)) = faults.create_status {
             let mut resp = error(StatusCode::from_u16(status).unwrap(), &message);
             if let Some(secs) = faults.retry_after {
@@ -1117,6 +1135,23 @@ impl FakeCloud {
         Ok(key)
     }
 
+    /// Takes a token from the create bucket (`rate` a second, one second's worth at most).
+    fn take_token(&self, rate: u32) -> bool {
+        let mut st = self.lock();
+        let now = std::time::Instant::now();
+        let (tokens, since) = st.bucket.unwrap_or((f64::from(rate), now));
+        let tokens = (tokens + now.duration_since(since).as_secs_f64() * f64::from(rate))
+            .min(f64::from(rate));
+        let allowed = tokens >= 1.0;
+        st.bucket = Some((if allowed { tokens - 1.0 } else { tokens }, now));
+        allowed
+    }
+
+    /// The most creates this fake has been answering at once.
+    pub fn peak_creates_in_flight(&self) -> usize {
+        self.lock().peak_creates_in_flight
+    }
+
     /// Puts a new key into the store, created now with `lifetime`.
     fn land(&self, mut key: FakeKey, lifetime: Option<Duration>) -> FakeKey {
         let now = self.clock.now();
@@ -1188,4 +1223,22 @@ fn reply(status: StatusCode, body: Value) -> Response<Bytes> {
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(Bytes::from(body.to_string()))
         .unwrap()
+}
+
+/// A create being answered, counted for [`FakeCloud::peak_creates_in_flight`].
+struct InFlight<'a>(&'a FakeCloud);
+
+impl<'a> InFlight<'a> {
+    fn enter(fake: &'a FakeCloud) -> Self {
+        let mut st = fake.lock();
+        st.creates_in_flight += 1;
+        st.peak_creates_in_flight = st.peak_creates_in_flight.max(st.creates_in_flight);
+        InFlight(fake)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.lock().creates_in_flight -= 1;
+    }
 }

@@ -14,6 +14,7 @@ mod moto;
 mod operator;
 mod promise;
 mod recovery;
+mod scale;
 mod shipped;
 mod socket_trust;
 mod state_files;

@@ -8,11 +8,17 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use super::{Retired, Slot};
+use crate::provider::pacer::{Urgency, URGENT};
 
 impl Slot {
     /// The driver: mints when a key is wanted or due for renewal, revokes retired keys at
     /// their expiry, until `cancel` fires. A mint already started is finished, not abandoned.
     pub async fn drive(self: Arc<Self>, cancel: CancellationToken) {
+        // A mint a request is waiting for goes ahead of the endpoint's queue.
+        let waited_for: Urgency = {
+            let slot = Arc::clone(&self);
+            Arc::new(move || slot.attempts.receiver_count() > 0)
+        };
         loop {
             if cancel.is_cancelled() {
                 break;
@@ -35,7 +41,9 @@ impl Slot {
             }
             let (mint_now, wake_at) = self.plan(now);
             if mint_now {
-                self.mint_once().await;
+                URGENT
+                    .scope(Arc::clone(&waited_for), self.mint_once())
+                    .await;
                 continue;
             }
             let sleep = async {
