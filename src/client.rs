@@ -207,23 +207,8 @@ fn exchange(
             Ok(0) => break,
             Ok(n) => {
                 buf.extend_from_slice(&chunk[..n]);
-                // Once the head is read, only the length is checked until the body is in.
-                if expected.is_some_and(|total| buf.len() < total) {
-                    continue;
-                }
-                match parse(&buf)? {
-                    Parsed::Done(answer) => return Ok(answer),
-                    Parsed::Body(total) => {
-                        // Reserved up front, within reason: the length is the daemon's word.
-                        buf.reserve(total.saturating_sub(buf.len()).min(64 << 20));
-                        expected = Some(total);
-                    }
-                    Parsed::Head if buf.len() > MAX_HEAD => {
-                        return Err(Failure::Other(format!(
-                            "the keybroker daemon at {shown} sent an oversized answer head"
-                        )));
-                    }
-                    Parsed::Head => {}
+                if let Some(answer) = read_so_far(&mut buf, &mut expected, socket)? {
+                    return Ok(answer);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -251,6 +236,32 @@ fn exchange(
         _ => Err(Failure::Other(format!(
             "the keybroker daemon at {shown} closed the connection mid-answer"
         ))),
+    }
+}
+
+/// The answer in `buf`, once all of it is there. `expected` is its whole length, once the head
+/// has told it: until then only the length is checked.
+fn read_so_far(
+    buf: &mut Vec<u8>,
+    expected: &mut Option<usize>,
+    socket: &Path,
+) -> Result<Option<Answer>, Failure> {
+    if expected.is_some_and(|total| buf.len() < total) {
+        return Ok(None);
+    }
+    match parse(buf)? {
+        Parsed::Done(answer) => Ok(Some(answer)),
+        Parsed::Body(total) => {
+            // Reserved up front, within reason: the length is the daemon's word.
+            buf.reserve(total.saturating_sub(buf.len()).min(64 << 20));
+            *expected = Some(total);
+            Ok(None)
+        }
+        Parsed::Head if buf.len() > MAX_HEAD => Err(Failure::Other(format!(
+            "the keybroker daemon at {} sent an oversized answer head",
+            socket.display()
+        ))),
+        Parsed::Head => Ok(None),
     }
 }
 
