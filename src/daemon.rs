@@ -128,16 +128,19 @@ pub fn start(
     });
     let stop_server = CancellationToken::new();
     let drain = server::DRAIN_TIMEOUT.min(options.shutdown_timeout / 4);
-    // The servers start before any profile does: if one cannot, nothing has been minted.
-    let mut servers = Vec::with_capacity(listeners.len());
+    // Every server is set up before any profile starts: if one cannot be, nothing has been
+    // minted. They answer once every profile is in service, so that no request meets a
+    // configured profile as unknown and /readyz never counts only some of them, and they start
+    // before the profiles' drivers, whose prewarm would otherwise run ahead of them.
+    let mut ready = Vec::with_capacity(listeners.len());
     for l in listeners {
         let server = server::serve(l, Arc::clone(&app), stop_server.clone(), drain)
             .map_err(DaemonError::Listener)?;
-        servers.push(tokio::spawn(server));
+        ready.push(server);
     }
-    for spec in profiles {
-        broker.add(spec);
-    }
+    let slots = broker.insert(profiles);
+    let servers = ready.into_iter().map(tokio::spawn).collect();
+    broker.drive(slots);
     Ok(Running {
         broker,
         app,
@@ -217,7 +220,7 @@ impl Running {
         // The new rules first, so that an added profile is never briefly refused.
         let access = access_from(&next);
         self.app.access.store(Arc::new(access.clone()));
-        for spec in specs {
+        for spec in &specs {
             if let Some(tokens) = &self.app.container {
                 let group = access
                     .profiles
@@ -228,8 +231,8 @@ impl Running {
                 }
             }
             tracing::info!(profile = %spec.name, "reload: profile added");
-            self.broker.add(spec);
         }
+        self.broker.add(specs);
         self.shutdown_timeout = next.server.shutdown_timeout;
         let kept = next.profiles.len() - coming.len();
         tracing::info!(

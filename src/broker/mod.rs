@@ -191,34 +191,50 @@ impl Broker {
             seeder: std::sync::Mutex::new(seeder),
             draining: Default::default(),
         };
-        for spec in profiles {
-            broker.add(spec);
-        }
+        broker.add(profiles);
         broker.tasks.close();
         broker
     }
 
-    /// Starts serving a profile (at start, or added by a reload). A profile of the same name
-    /// must have been removed first.
-    pub fn add(&self, spec: ProfileSpec) {
+    /// Starts profiles: [`Broker::insert`], then [`Broker::drive`].
+    pub fn add(&self, specs: Vec<ProfileSpec>) {
+        let slots = self.insert(specs);
+        self.drive(slots);
+    }
+
+    /// Puts profiles in service, all at once (one copy of the profile map however many there
+    /// are: 10,000 at start-up one by one took seconds). They mint nothing until
+    /// [`Broker::drive`] starts their drivers. A profile of the same name must have been
+    /// removed first.
+    pub fn insert(&self, specs: Vec<ProfileSpec>) -> Vec<Arc<Slot>> {
         let _change = self.changes.lock().expect("broker change lock");
-        let rng = SmallRng::seed_from_u64(self.seeder.lock().expect("seeder lock").gen());
-        let name = spec.name.clone();
-        let revoke_on_shutdown = spec.revoke_on_shutdown;
-        let prewarm = spec.prewarm;
-        let slot = Arc::new(Slot::new(spec, rng, self.context.clone()));
-        self.tasks
-            .spawn(Arc::clone(&slot).drive(self.cancel.child_token()));
         let mut map = BTreeMap::clone(&self.slots.load());
-        map.insert(
-            name,
-            Entry {
-                slot,
-                revoke_on_shutdown,
-                prewarm,
-            },
-        );
+        let mut slots = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let rng = SmallRng::seed_from_u64(self.seeder.lock().expect("seeder lock").gen());
+            let name = spec.name.clone();
+            let revoke_on_shutdown = spec.revoke_on_shutdown;
+            let prewarm = spec.prewarm;
+            let slot = Arc::new(Slot::new(spec, rng, self.context.clone()));
+            slots.push(Arc::clone(&slot));
+            map.insert(
+                name,
+                Entry {
+                    slot,
+                    revoke_on_shutdown,
+                    prewarm,
+                },
+            );
+        }
         self.slots.store(Arc::new(map));
+        slots
+    }
+
+    /// Starts the drivers of slots [`Broker::insert`] returned: they mint, renew and revoke.
+    pub fn drive(&self, slots: Vec<Arc<Slot>>) {
+        for slot in slots {
+            self.tasks.spawn(slot.drive(self.cancel.child_token()));
+        }
     }
 
     /// Stops serving a profile (a reload removed or changed it): it leaves the map at once,

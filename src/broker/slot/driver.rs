@@ -24,10 +24,12 @@ impl Slot {
                 break;
             }
             let now = self.clock.now();
-            self.revoke_due(now, &cancel).await;
+            // Each step's future is boxed while it runs: the driver of an idle profile (most
+            // of them, most of the time) stays small.
+            Box::pin(self.revoke_due(now, &cancel)).await;
             if self.next_look().is_some_and(|at| at <= now) {
                 let looked = tokio::select! {
-                    looked = self.look_for_lost() => looked,
+                    looked = Box::pin(self.look_for_lost()) => looked,
                     _ = cancel.cancelled() => break,
                 };
                 if let Err(e) = looked {
@@ -42,7 +44,7 @@ impl Slot {
             let (mint_now, wake_at) = self.plan(now);
             if mint_now {
                 URGENT
-                    .scope(Arc::clone(&waited_for), self.mint_once())
+                    .scope(Arc::clone(&waited_for), Box::pin(self.mint_once()))
                     .await;
                 continue;
             }
