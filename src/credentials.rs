@@ -48,7 +48,7 @@ pub fn format_expiration(t: OffsetDateTime) -> String {
     .expect("a UTC date in range formats")
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, serde::Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct ProcessJson<'a> {
     version: u8,
@@ -86,20 +86,17 @@ pub fn process_json(
     })
 }
 
-/// The container-credentials body (`Token` empty when the provider gives none).
-pub fn container_json(
-    access_key_id: &str,
-    secret: &Secret,
-    session_token: Option<&Secret>,
-    expiration: OffsetDateTime,
-) -> Bytes {
-    let expiration = format_expiration(expiration);
-    render(&ContainerJson {
-        access_key_id,
-        secret_access_key: secret.expose(),
-        token: session_token.map(Secret::expose).unwrap_or(""),
-        expiration: &expiration,
-    })
+/// The container-credentials body of the key in `process` (a body [`process_json`] made;
+/// `Token` is empty when the provider gives none), rendered when the container endpoint asks
+/// for it: a key holds one body, not two. `None` if `process` is not such a body.
+pub fn container_from_process(process: &[u8]) -> Option<Bytes> {
+    let key: ProcessJson<'_> = serde_json::from_slice(process).ok()?;
+    Some(render(&ContainerJson {
+        access_key_id: key.access_key_id,
+        secret_access_key: key.secret_access_key,
+        token: key.session_token.unwrap_or(""),
+        expiration: key.expiration,
+    }))
 }
 
 fn render(value: &impl Serialize) -> Bytes {
@@ -152,12 +149,14 @@ mod tests {
 
     #[test]
     fn container_json_always_has_token() {
-        let body = container_json(
+        assert_eq!(container_from_process(b"not json"), None);
+        let process = process_json(
             "AK",
             &Secret::new("SK"),
             None,
             datetime!(2026-11-23 18:00:00 UTC),
         );
+        let body = container_from_process(&process).unwrap();
         assert_eq!(
             &body[..],
             b"{\"AccessKeyId\":\"AK\",\"SecretAccessKey\":\"SK\",\"Token\":\"\",\"Expiration\":\"2026-11-23T18:00:00Z\"}\n"

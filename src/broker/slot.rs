@@ -51,14 +51,14 @@ pub struct Slot {
     /// Bumped after every finished attempt; requests waiting on a mint watch it.
     attempts: watch::Sender<u64>,
     /// The number of the last finished revoke pass of the driver.
-    passes: watch::Sender<u64>,
+    passes: Mark,
     rng: Mutex<SmallRng>,
     /// Status counters.
     pub counters: Counters,
     /// Longest a request waits for an in-flight mint.
     mint_wait: Duration,
     /// Becomes true when the driver has returned.
-    finished: watch::Sender<bool>,
+    finished: Mark,
     /// Where every create and revoke is journaled, if anywhere.
     ledger: Option<Arc<Ledger>>,
     /// `keybroker-<host>-<instance>-`: every key's tag starts with it.
@@ -109,6 +109,39 @@ impl std::fmt::Debug for Slot {
     }
 }
 
+/// A number that only grows, and a way to wait for it: what a `watch` channel gives, in a
+/// tenth of its size (a slot holds two; a daemon may hold 10,000 slots).
+#[derive(Default)]
+struct Mark {
+    value: std::sync::atomic::AtomicU64,
+    changed: Notify,
+}
+
+impl Mark {
+    fn get(&self) -> u64 {
+        self.value.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn set(&self, value: u64) {
+        self.value.store(value, std::sync::atomic::Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    /// Returns once `ok` holds for the value.
+    async fn wait_until(&self, ok: impl Fn(u64) -> bool) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the value is read: a `set` in between still wakes it.
+            changed.as_mut().enable();
+            if ok(self.get()) {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
 impl Slot {
     /// A slot for profile `name`. `prewarm` makes the driver mint at once.
     pub fn new(spec: ProfileSpec, rng: SmallRng, context: SlotContext) -> Self {
@@ -152,11 +185,11 @@ impl Slot {
             state: Mutex::new(State::new(prewarm, retired, now)),
             wake: Notify::new(),
             attempts: watch::channel(0).0,
-            passes: watch::channel(0).0,
+            passes: Mark::default(),
             rng: Mutex::new(rng),
             counters: Counters::default(),
             mint_wait,
-            finished: watch::channel(false).0,
+            finished: Mark::default(),
             ledger,
             tag_prefix,
             lost: Mutex::new(lost::Lost::inherited(unsettled, now)),
@@ -193,13 +226,12 @@ impl Slot {
 
     /// Returns once the driver has stopped (after its cancellation, and any mint in flight).
     pub async fn finished(&self) {
-        let mut done = self.finished.subscribe();
-        let _ = done.wait_for(|d| *d).await;
+        self.finished.wait_until(|done| done > 0).await;
     }
 
     /// Whether the driver has returned.
     pub fn is_finished(&self) -> bool {
-        *self.finished.borrow()
+        self.finished.get() > 0
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

@@ -382,10 +382,17 @@ async fn key_answer(slot: &crate::broker::Slot, shape: Shape) -> Response<Body> 
     let unavailable = match slot.get().await {
         Ok(key) => {
             let body = match shape {
-                Shape::Process => key.process_json.clone(),
-                Shape::Container => key.container_json.clone(),
+                Shape::Process => Some(key.process_json.clone()),
+                Shape::Container => crate::credentials::container_from_process(&key.process_json),
             };
-            return json_response(StatusCode::OK, body);
+            return match body {
+                Some(body) => json_response(StatusCode::OK, body),
+                None => error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "the key's answer could not be rendered",
+                ),
+            };
         }
         Err(u) => u,
     };

@@ -479,6 +479,15 @@ fn client_failures_are_one_actionable_line() {
             && stderr.contains("check --profile"),
         "{stderr}"
     );
+    // The prewarm may still be minting: the table is looked at once the key is there.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env.run(&["probe", "ready"]).0 != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the dev profile never became ready"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let (code, stdout, _) = env.run(&["status"]);
     assert_eq!(code, 0);
     assert!(

@@ -63,7 +63,7 @@ impl Slot {
         self.lock().phase.stop();
         // Wake requests waiting on a mint that will not come.
         self.attempts.send_modify(|n| *n += 1);
-        self.finished.send_replace(true);
+        self.finished.set(1);
     }
 
     /// Whether the slot left service and has nothing left to revoke or look for.

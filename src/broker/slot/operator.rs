@@ -76,19 +76,13 @@ impl Slot {
     /// whose answer was lost that could not be settled.
     pub async fn revoke_all(&self, wait: Duration) -> RevokedKeys {
         let deadline = tokio::time::Instant::now() + wait;
-        let mut passes = self.passes.subscribe();
         let (targets, want) = self.hold();
         tracing::warn!(profile = %self.name, keys = targets.len(), "an operator revoked every key of the profile; requests get 503 until keybroker rotate");
         self.wake.notify_one();
-        let pass_done = tokio::time::timeout_at(deadline, async {
-            while *passes.borrow_and_update() < want {
-                if passes.changed().await.is_err() {
-                    return;
-                }
-            }
-        })
-        .await
-        .is_ok();
+        let pass_done =
+            tokio::time::timeout_at(deadline, self.passes.wait_until(|pass| pass >= want))
+                .await
+                .is_ok();
         if self.has_lost() {
             let _ = tokio::time::timeout_at(deadline, self.look_for_lost()).await;
         }

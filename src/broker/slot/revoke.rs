@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use time::OffsetDateTime;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::state::State;
@@ -111,10 +110,10 @@ impl Slot {
             (due, st.revoke_passes)
         };
         // Tells `revoke_all` when this pass is over, however it ends.
-        struct PassDone<'a>(&'a watch::Sender<u64>, u64);
+        struct PassDone<'a>(&'a super::Mark, u64);
         impl Drop for PassDone<'_> {
             fn drop(&mut self) {
-                self.0.send_replace(self.1);
+                self.0.set(self.1);
             }
         }
         let _done = PassDone(&self.passes, pass);

@@ -29,19 +29,11 @@ pub struct ReadyKey {
     pub principal: Option<String>,
     /// `credential_process` JSON.
     pub process_json: Bytes,
-    /// Container-credentials JSON.
-    pub container_json: Bytes,
 }
 
 impl ReadyKey {
     pub(super) fn new(key: MintedKey, tag: String, lease: String) -> Self {
         let process_json = credentials::process_json(
-            &key.access_key_id,
-            &key.secret,
-            key.session_token.as_ref(),
-            key.expires_at,
-        );
-        let container_json = credentials::container_json(
             &key.access_key_id,
             &key.secret,
             key.session_token.as_ref(),
@@ -54,7 +46,6 @@ impl ReadyKey {
             expires_at: key.expires_at,
             principal: key.principal,
             process_json,
-            container_json,
         }
     }
 
@@ -68,7 +59,6 @@ impl ReadyKey {
             expires_at: OffsetDateTime::UNIX_EPOCH,
             principal: None,
             process_json: Bytes::new(),
-            container_json: Bytes::new(),
         }
     }
 }
