@@ -8,14 +8,15 @@
 //!   is answered from its pre-rendered bytes without waiting.
 //! - [`broker`]: one slot per profile holding the current key with its response pre-rendered;
 //!   a background driver per slot mints, renews (single flight) and revokes.
-//! - [`provider`]: the upstream APIs (CoreWeave, dev) behind one trait, and the HTTPS client.
+//! - [`provider`]: the upstream APIs (CoreWeave, Crusoe, GleSYS, dev) behind one trait, the
+//!   HTTPS client, and the pacer each endpoint's calls share.
 //! - [`credentials`]: the secret type and the JSON formats served.
 //!
 //! Around them: [`config`] (TOML, validated with file positions), [`daemon`] (start-up and the
 //! ordered shutdown), [`client`] (the `credential-process` side, std only), [`cli`], [`clock`]
 //! (injectable time for paused-clock tests), [`files`] (directories made with explicit modes),
-//! [`logging`], [`users`], and [`node`] (`install-node`: the directory a node's workloads
-//! share with its daemon).
+//! [`logging`], [`users`], [`s3`] (what clients need to reach each profile's S3 service) and
+//! [`node`] (`install-node`: the directory a node's workloads share with its daemon).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
