@@ -48,15 +48,29 @@ pub fn format_expiration(t: OffsetDateTime) -> String {
     .expect("a UTC date in range formats")
 }
 
+/// The `credential_process` body: what [`process_json`] writes, and what the clients that
+/// need its fields (`exec`, the container endpoint) read back with [`ProcessJson::read`].
 #[derive(Serialize, serde::Deserialize)]
 #[serde(rename_all = "PascalCase")]
-struct ProcessJson<'a> {
-    version: u8,
-    access_key_id: &'a str,
-    secret_access_key: &'a str,
+pub struct ProcessJson<'a> {
+    /// Always 1.
+    pub version: u8,
+    /// The key id.
+    pub access_key_id: &'a str,
+    /// The secret.
+    pub secret_access_key: &'a str,
+    /// The session token, when the provider gives one.
     #[serde(skip_serializing_if = "Option::is_none")]
-    session_token: Option<&'a str>,
-    expiration: &'a str,
+    pub session_token: Option<&'a str>,
+    /// `Expiration`, as [`format_expiration`] writes it.
+    pub expiration: &'a str,
+}
+
+impl<'a> ProcessJson<'a> {
+    /// The key in a body [`process_json`] made (its fields borrowed from `body`).
+    pub fn read(body: &'a [u8]) -> serde_json::Result<Self> {
+        serde_json::from_slice(body)
+    }
 }
 
 #[derive(Serialize)]
@@ -90,7 +104,7 @@ pub fn process_json(
 /// `Token` is empty when the provider gives none), rendered when the container endpoint asks
 /// for it: a key holds one body, not two. `None` if `process` is not such a body.
 pub fn container_from_process(process: &[u8]) -> Option<Bytes> {
-    let key: ProcessJson<'_> = serde_json::from_slice(process).ok()?;
+    let key = ProcessJson::read(process).ok()?;
     Some(render(&ContainerJson {
         access_key_id: key.access_key_id,
         secret_access_key: key.secret_access_key,

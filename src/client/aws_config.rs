@@ -250,7 +250,7 @@ fn scan(text: &str) -> Result<Sections, String> {
                 });
                 open = None;
             } else if bare.starts_with(BEGIN) {
-                return Err(format!("the keybroker block for {name} that starts on line {first} has no end line ({END}{name}); fix it by hand"));
+                return Err(unterminated(name, *first));
             }
             continue;
         }
@@ -270,25 +270,33 @@ fn scan(text: &str) -> Result<Sections, String> {
         }
     }
     if let Some((name, _, first)) = open {
-        return Err(format!("the keybroker block for {name} that starts on line {first} has no end line ({END}{name}); fix it by hand"));
+        return Err(unterminated(&name, first));
     }
     Ok((written, foreign))
 }
 
+/// Why a block keybroker wrote cannot be replaced: its end line is gone.
+fn unterminated(name: &str, first: usize) -> String {
+    format!("the keybroker block for {name} that starts on line {first} has no end line ({END}{name}); fix it by hand")
+}
+
 /// The AWS config file: `--file`, else `$AWS_CONFIG_FILE`, else `~/.aws/config`.
 pub fn config_path(flag: Option<&Path>) -> Result<PathBuf, String> {
-    if let Some(path) = flag {
-        return Ok(path.to_path_buf());
+    match flag {
+        Some(path) => Ok(path.to_path_buf()),
+        None => aws_file("AWS_CONFIG_FILE", ".aws/config").ok_or_else(|| {
+            "HOME is not set, so there is no ~/.aws/config; name the file with --file".into()
+        }),
     }
-    if let Some(path) = std::env::var_os("AWS_CONFIG_FILE").filter(|v| !v.is_empty()) {
-        return Ok(PathBuf::from(path));
-    }
-    match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
-        Some(home) => Ok(PathBuf::from(home).join(".aws/config")),
-        None => {
-            Err("HOME is not set, so there is no ~/.aws/config; name the file with --file".into())
-        }
-    }
+}
+
+/// An AWS file as the SDKs find it: `$VAR`, else `rel` in the home directory; `None` without
+/// either.
+pub fn aws_file(var: &str, rel: &str) -> Option<PathBuf> {
+    let set = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    set(var)
+        .map(PathBuf::from)
+        .or_else(|| set("HOME").map(|home| PathBuf::from(home).join(rel)))
 }
 
 /// Replaces `path` with `text`: written beside it and renamed over it, keeping its mode (0600

@@ -11,9 +11,8 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 
-use serde::Deserialize;
-
 use crate::api::ClientProfile;
+use crate::credentials::ProcessJson;
 
 /// Set in COMMAND's environment to the profile's name: a `keybroker exec` inside refuses.
 pub const MARK: &str = "KEYBROKER_EXEC";
@@ -42,17 +41,6 @@ const CLEARED: &[&str] = &[
     "AWS_ROLE_ARN",
     "AWS_ROLE_SESSION_NAME",
 ];
-
-/// The `credential_process` JSON, as far as the environment needs it.
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct Key {
-    access_key_id: String,
-    secret_access_key: String,
-    #[serde(default)]
-    session_token: Option<String>,
-    expiration: String,
-}
 
 /// Runs `command` with `profile`'s keys. Returns only if it could not: the exit status and the
 /// line to print.
@@ -122,15 +110,16 @@ fn key_in_environment(
     shadow: Option<&str>,
 ) -> Result<(), String> {
     let json = super::credential_process(socket, &profile.name, super::CREDENTIALS_TIMEOUT)?;
-    let key: Key = serde_json::from_slice(&json).map_err(|e| {
+    // The parser's words are left out: they could quote the secret.
+    let key = ProcessJson::read(&json).map_err(|_| {
         format!(
-            "profile {}: unreadable key from the daemon: {e}",
+            "profile {}: the daemon's answer is not credential_process JSON",
             profile.name
         )
     })?;
     cmd.env("AWS_ACCESS_KEY_ID", key.access_key_id)
         .env("AWS_SECRET_ACCESS_KEY", key.secret_access_key)
-        .env("AWS_CREDENTIAL_EXPIRATION", &key.expiration);
+        .env("AWS_CREDENTIAL_EXPIRATION", key.expiration);
     if let Some(token) = key.session_token.filter(|t| !t.is_empty()) {
         cmd.env("AWS_SESSION_TOKEN", token);
     }
@@ -157,13 +146,7 @@ fn key_in_environment(
 /// [default]`, or a `[default]` in the config file with keys, a `credential_process`, a role
 /// or SSO), which the SDKs use before the container endpoint.
 fn default_profile_credentials() -> Option<String> {
-    let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
-    let file = |var: &str, rel: &str| {
-        std::env::var_os(var)
-            .filter(|v| !v.is_empty())
-            .map(std::path::PathBuf::from)
-            .or_else(|| home.as_ref().map(|h| h.join(rel)))
-    };
+    let file = super::aws_config::aws_file;
     const KEYS: &[&str] = &[
         "aws_access_key_id",
         "credential_process",
