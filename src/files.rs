@@ -1,5 +1,5 @@
 //! Making the daemon's directories with the mode asked for, whatever the umask, and without
-//! following a symlink someone planted in the way.
+//! following a symlink someone planted in the way; replacing a file whole.
 //!
 //! `mkdir(2)` applies the umask to the mode it is given, so under `umask 000` a plain
 //! `create_dir_all` makes world-writable directories, and under `umask 077` a directory meant
@@ -54,6 +54,33 @@ pub fn chmod_dir(dir: &Path, mode: u32) -> io::Result<()> {
         open_dir(dir)?,
         Mode::from_raw_mode(mode),
     )?)
+}
+
+/// Replaces the file `dest` with `bytes`, mode `mode`: written to a private temporary file
+/// beside it, synced, and renamed over it, so a reader sees the old file or the new one,
+/// whole, and a process running the old one keeps it. The temporary file is removed if a
+/// step fails.
+pub fn replace(dest: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let name = dest
+        .file_name()
+        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = dest.with_file_name(format!(".{name}.keybroker-{}", std::process::id()));
+    let write = || -> io::Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(bytes)?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, dest)
+    };
+    write().inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
 /// `O_NOFOLLOW`, for `OpenOptionsExt::custom_flags`: opening a symlink fails with `ELOOP`.

@@ -11,8 +11,8 @@
 //! (see `client::trust`). The binary is kept out of the daemon's directory, so the daemon's
 //! user cannot swap what the workloads run.
 
-use std::io::{self, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use rustix::fs::Mode;
@@ -95,21 +95,7 @@ fn copy_self(dest: &Path) -> Result<String, String> {
     if std::fs::read(dest).is_ok_and(|old| old == bytes) {
         return Ok(format!("{}: unchanged", dest.display()));
     }
-    let tmp = dest.with_extension(format!("tmp-{}", std::process::id()));
-    let write = || -> io::Result<()> {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
-        file.write_all(&bytes)?;
-        file.set_permissions(std::fs::Permissions::from_mode(MODE))?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, dest)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("writing {}: {e}", dest.display())
-    })?;
+    files::replace(dest, &bytes, MODE).map_err(|e| format!("writing {}: {e}", dest.display()))?;
     Ok(format!(
         "{}: installed ({} bytes, mode 0755)",
         dest.display(),

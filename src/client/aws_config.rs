@@ -3,8 +3,7 @@
 //! profile; a later `--write` replaces only what lies between its markers and leaves every
 //! other byte of the file as it was.
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::api::ClientProfile;
@@ -317,25 +316,8 @@ pub fn write_atomically(path: &Path, text: &str) -> Result<(), String> {
             0o600
         }
     };
-    let name = target
-        .file_name()
-        .map_or_else(|| "config".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = target.with_file_name(format!(".{name}.keybroker-{}", std::process::id()));
-    let result = (|| -> std::io::Result<()> {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(text.as_bytes())?;
-        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, &target)
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("writing {shown}: {e}")
-    })
+    crate::files::replace(&target, text.as_bytes(), mode)
+        .map_err(|e| format!("writing {shown}: {e}"))
 }
 
 #[cfg(test)]
