@@ -256,6 +256,33 @@ pub fn coreweave_profile(name: &str, endpoint: &str, token_file: &Path, extra: &
     )
 }
 
+/// Runs the shell `script` (with `args` as `$1`...) as root in a private mount namespace and
+/// its own pid namespace, whatever it leaves running dying with it, from the directory of the
+/// binary under test (reachable as `.` once the script mounts over /tmp, where it may be).
+pub fn in_private_namespace(env: &Env, script: &str, args: &[&str]) -> std::process::Output {
+    assert!(
+        rustix::process::getuid().is_root(),
+        "this test mounts and runs as other users; it needs root (CI runs as root)"
+    );
+    let mut all = vec![
+        "--mount",
+        "--propagation",
+        "private",
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "sh",
+        "-c",
+        script,
+        "sh",
+    ];
+    all.extend_from_slice(args);
+    env.program("unshare", &all)
+        .current_dir(Path::new(BIN).parent().unwrap())
+        .output()
+        .unwrap()
+}
+
 /// The Python of the test virtualenv (`$KEYBROKER_TEST_PYTHON`, else `.venv/bin/python`).
 pub fn python() -> PathBuf {
     std::env::var_os("KEYBROKER_TEST_PYTHON")

@@ -3,7 +3,7 @@
 //! `install-node` lays out works as the DaemonSet uses it: a daemon run as another user serves
 //! keys from it to a workload's uid through a read-only mount of it, with the copied binary.
 
-use crate::harness::{python, Env, BIN};
+use crate::harness::{in_private_namespace, python, Env, BIN};
 
 #[test]
 fn the_manifests_validate_and_agree_with_their_config() {
@@ -107,28 +107,8 @@ echo "check: daemon exit $?"
 
 #[test]
 fn install_node_lays_out_the_directory_the_daemonset_shares() {
-    assert!(
-        rustix::process::getuid().is_root(),
-        "this test mounts, chowns and runs as other users; it needs root (CI runs as root)"
-    );
     let env = Env::new();
-    let bin_dir = std::path::Path::new(BIN).parent().unwrap();
-    let args = [
-        "--mount",
-        "--propagation",
-        "private",
-        "--pid",
-        "--fork",
-        "--kill-child",
-        "sh",
-        "-c",
-        SCRIPT,
-    ];
-    let out = env
-        .program("unshare", &args)
-        .current_dir(bin_dir)
-        .output()
-        .unwrap();
+    let out = in_private_namespace(&env, SCRIPT, &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");

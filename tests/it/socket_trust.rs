@@ -3,7 +3,7 @@
 //! tmpfs on /tmp (and /run), so the host's /tmp/keybroker-1000 is never touched; the daemon and
 //! the client run as other users through setpriv. Needs root (CI runs as root).
 
-use crate::harness::{Env, BIN};
+use crate::harness::{in_private_namespace, Env};
 
 /// Between the client's stderr and the daemon's log on the script's stderr.
 const LOG_MARK: &str = "--- daemon log\n";
@@ -65,33 +65,9 @@ exit "$code"
 /// What a uid-1000 client did against a daemon run as `server_uid` in `dir`: (exit code,
 /// stdout, its stderr, the daemon's log).
 fn client_against(server_uid: u32, dir: &str) -> (i32, String, String, String) {
-    assert!(
-        rustix::process::getuid().is_root(),
-        "this test runs a daemon and a client as other users and needs root (CI runs as root)"
-    );
     let env = Env::new();
-    let bin_dir = std::path::Path::new(BIN).parent().unwrap();
     let uid = server_uid.to_string();
-    // A pid namespace too: whatever the script leaves running dies with it.
-    let args = [
-        "--mount",
-        "--propagation",
-        "private",
-        "--pid",
-        "--fork",
-        "--kill-child",
-        "sh",
-        "-c",
-        SCRIPT,
-        "sh",
-        &uid,
-        dir,
-    ];
-    let out = env
-        .program("unshare", &args)
-        .current_dir(bin_dir)
-        .output()
-        .unwrap();
+    let out = in_private_namespace(&env, SCRIPT, &[&uid, dir]);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let code = out.status.code().unwrap_or(-1);
