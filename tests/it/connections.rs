@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use keybroker::clock::Clock;
 
-use crate::fake_cloud::FakeCloud;
+use crate::fake_cloud::{stop_leaving_no_key, FakeCloud};
 use crate::harness::{wait_until, Daemon, Env, BIN};
 
 /// The descriptor limit the daemon runs under in these tests.
@@ -109,24 +109,13 @@ fn credential_process(env: &Env) -> (i32, String, Duration) {
     (code, out, took)
 }
 
-/// SIGTERM: exit 0, and no key the broker minted is alive at the fake.
-fn finish(mut daemon: Daemon, fake: &FakeCloud) {
-    let (status, _) = tokio::task::block_in_place(|| daemon.stop(Duration::from_secs(25)));
-    assert!(status.success(), "{}", daemon.logs());
-    assert!(
-        fake.live().is_empty(),
-        "alive after stop: {:?}",
-        fake.live()
-    );
-}
-
 /// uid 65534 opens 1,100 connections that pipeline requests and never read, on a daemon whose
 /// descriptor limit is 1,024: root is still answered at once, the flood's connections are
 /// closed within the bound, the descriptors come back and memory stays small. The refusals are
 /// logged once, not per connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_uid_that_never_reads_cannot_starve_the_socket() {
-    let (env, fake, daemon) = flooded_daemon("").await;
+    let (env, fake, mut daemon) = flooded_daemon("").await;
     let (_, out, _) = credential_process(&env);
     assert!(out.contains("AccessKeyId"), "{out}");
     let baseline = fds(&daemon);
@@ -194,7 +183,7 @@ async fn a_uid_that_never_reads_cannot_starve_the_socket() {
     release(flood);
     let (_, out, _) = credential_process(&env);
     assert!(out.contains("AccessKeyId"));
-    finish(daemon, &fake);
+    stop_leaving_no_key(&mut daemon, &fake);
 }
 
 /// 1,000 connections to the container endpoint without a token, pipelining and never reading:
@@ -203,7 +192,7 @@ async fn a_uid_that_never_reads_cannot_starve_the_socket() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_endpoint_flood_without_a_token_is_bounded() {
     let port = free_port();
-    let (env, fake, daemon) = flooded_daemon(&format!(
+    let (env, fake, mut daemon) = flooded_daemon(&format!(
         "[server.container]\nlisten = \"127.0.0.1:{port}\"\n"
     ))
     .await;
@@ -236,7 +225,7 @@ async fn a_container_endpoint_flood_without_a_token_is_bounded() {
         "RSS reached {peak_rss} KiB during the flood ({report})"
     );
     release(flood);
-    finish(daemon, &fake);
+    stop_leaving_no_key(&mut daemon, &fake);
 }
 
 /// Without the right token the container endpoint answers every path and profile alike: the
@@ -245,7 +234,7 @@ async fn a_container_endpoint_flood_without_a_token_is_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_container_endpoint_tells_nothing_without_a_token() {
     let port = free_port();
-    let (env, fake, daemon) = flooded_daemon(&format!(
+    let (env, fake, mut daemon) = flooded_daemon(&format!(
         "[server.container]\nlisten = \"127.0.0.1:{port}\"\n"
     ))
     .await;
@@ -276,7 +265,7 @@ async fn the_container_endpoint_tells_nothing_without_a_token() {
     assert_eq!(status, 405, "{body}");
     let (status, body) = container_get(port, "GET", "/v1/container-credentials/p", Some(&token));
     assert_eq!(status, 200, "{body}");
-    finish(daemon, &fake);
+    stop_leaving_no_key(&mut daemon, &fake);
 }
 
 fn free_port() -> u16 {

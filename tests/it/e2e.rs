@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::fake_cloud::{FakeCloud, PROVIDERS, WIF_ISSUER};
+use crate::fake_cloud::{stop_leaving_no_key, FakeCloud, PROVIDERS, WIF_ISSUER};
 use crate::harness::{python, venv_bin, Daemon, Env, BIN};
 use crate::moto::Moto;
 
@@ -163,13 +163,7 @@ impl E2e {
 
     /// SIGTERM, exit 0, and no key the broker minted is alive at the fake (nor in moto).
     fn finish(mut self) {
-        let (status, _) = tokio::task::block_in_place(|| self.daemon.stop(Duration::from_secs(25)));
-        assert!(status.success(), "{}", self.daemon.logs());
-        assert!(
-            self.fake.live().is_empty(),
-            "alive after stop: {:?}",
-            self.fake.live()
-        );
+        stop_leaving_no_key(&mut self.daemon, &self.fake);
         assert!(
             !self.token_file().exists(),
             "container token removed at stop"

@@ -33,7 +33,7 @@ use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::harness::Env;
+use crate::harness::{Daemon, Env};
 use crate::moto::Moto;
 
 /// The providers the fake speaks, by config name.
@@ -1241,4 +1241,15 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.lock().creates_in_flight -= 1;
     }
+}
+
+/// SIGTERM to `daemon`: it exits 0, and no key the broker minted is alive at `fake`.
+pub fn stop_leaving_no_key(daemon: &mut Daemon, fake: &FakeCloud) {
+    let (status, _) = tokio::task::block_in_place(|| daemon.stop(Duration::from_secs(25)));
+    assert!(status.success(), "{}", daemon.logs());
+    assert!(
+        fake.live().is_empty(),
+        "alive after stop: {:?}",
+        fake.live()
+    );
 }
