@@ -242,10 +242,7 @@ fn stopped(report: &StopReport) -> ExitCode {
 
 fn print_dev_banner(socket: &Path) {
     let exe = std::env::current_exe().unwrap_or_else(|_| "keybroker".into());
-    let helper = client::aws_config::Helper {
-        exe: &exe,
-        socket: (paths::implicit_client_socket() != socket).then_some(socket),
-    };
+    let helper = client::aws_config::Helper::new(&exe, socket);
     let dev = keybroker::api::ClientProfile {
         name: "dev".into(),
         provider: "dev".into(),

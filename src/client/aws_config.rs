@@ -41,11 +41,7 @@ pub fn run(
         ));
     }
     let exe = std::env::current_exe().map_err(|e| format!("finding this binary: {e}"))?;
-    let implicit = crate::paths::implicit_client_socket();
-    let helper = Helper {
-        exe: &exe,
-        socket: (socket != implicit).then_some(socket),
-    };
+    let helper = Helper::new(&exe, socket);
     let mut blocks = Vec::new();
     for p in chosen {
         let name = format!("{prefix}{}", p.name);
@@ -96,6 +92,18 @@ pub struct Helper<'a> {
     pub exe: &'a Path,
     /// `--socket`, when the daemon's socket is not the one the helper finds by itself.
     pub socket: Option<&'a Path>,
+}
+
+impl<'a> Helper<'a> {
+    /// `exe` reaching the daemon at `socket`, naming it only when the helper would not find
+    /// it by itself.
+    pub fn new(exe: &'a Path, socket: &'a Path) -> Self {
+        let implicit = crate::paths::implicit_client_socket();
+        Helper {
+            exe,
+            socket: (socket != implicit).then_some(socket),
+        }
+    }
 }
 
 /// The block for `profile`, named `aws_name` in the AWS config.
